@@ -1,0 +1,150 @@
+"""`moe-finetune`: parse, call, map errors to exit codes. Nothing here decides anything.
+
+Exit codes (DESIGN.md section 2): 0 success, 1 internal error (a bug), 2 invalid recipe/arguments/
+input, 3 dataset refused as too small, 4 training halted by a guard, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from moe_finetune.errors import MoeFinetuneError
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our own messages: no TF/bitsandbytes chatter, no hub telemetry."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import logging
+    import warnings
+
+    # transformers 5 deprecation notices about its own internals are not actionable for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    for name in ("bitsandbytes", "bitsandbytes.cextension", "bitsandbytes.backends"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moe_finetune.recipe import load_recipe
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    recipe = load_recipe(args.recipe, overrides)
+    from moe_finetune.train import run
+
+    result = run(
+        recipe,
+        overwrite=args.overwrite,
+        allow_small_dataset=args.allow_small_dataset,
+        resume=args.resume,
+    )
+    loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+    print(
+        f"done: {result.global_step} steps in {result.seconds:.1f} s, train loss {loss}; "
+        f"adapter saved to {result.adapter_dir}"
+    )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from moe_finetune.validate import validate_recipe
+
+    report = validate_recipe(args.recipe, list(args.set or []), check_data=not args.skip_data)
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    for line in report.lines:
+        print(line)
+    print(f"ok: {args.recipe} is valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-finetune",
+        description="LoRA fine-tuning for Mixture-of-Experts models that watches the routers.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="run a recipe")
+    train.add_argument("recipe", help="path to a recipe YAML")
+    train.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
+    train.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing non-empty output directory"
+    )
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the last checkpoint in the output directory (or from CHECKPOINT)",
+    )
+    train.add_argument(
+        "--allow-small-dataset",
+        action="store_true",
+        help="train even below data.min_examples (recorded loudly)",
+    )
+    train.set_defaults(func=cmd_train)
+
+    validate = sub.add_parser("validate", help="check a recipe without training")
+    validate.add_argument("recipe", help="path to a recipe YAML")
+    validate.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
+    validate.add_argument("--skip-data", action="store_true", help="do not read and count the dataset")
+    validate.set_defaults(func=cmd_validate)
+    return parser
+
+
+def _internal_error(err: BaseException) -> int:
+    log = Path(tempfile.gettempdir()) / f"moe-finetune-error-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    try:
+        log.write_text("".join(traceback.format_exception(err)), encoding="utf-8")
+        where = f"the traceback is in {log}"
+    except OSError:
+        where = "rerun with --debug to see the traceback"
+    print(
+        f"moe-finetune: internal error (this is a bug in moe-finetune, please report it): "
+        f"{type(err).__name__}: {err}. {where}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MoeFinetuneError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"moe-finetune: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("moe-finetune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the last line of defence: a bug, reported as one
+        if args.debug:
+            traceback.print_exc()
+        return _internal_error(err)
+
+
+def _entry() -> Any:  # pragma: no cover - console script shim
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The project's exception types, one per exit code of the CLI contract (DESIGN.md section 2).
+
+Library code raises these; only `cli.py` turns them into exit codes. Each message is meant to be
+printed as is: it says what was wrong, where (field, file, row) and how to fix or override it.
+"""
+
+from __future__ import annotations
+
+
+class MoeFinetuneError(Exception):
+    """Base class: anything the CLI should report as a clean message, not a traceback."""
+
+    exit_code: int = 1
+
+
+class RecipeError(MoeFinetuneError):
+    """Invalid recipe, argument or input file (exit 2). The message names the field/file/row."""
+
+    exit_code = 2
+
+
+class DataError(RecipeError):
+    """A dataset that cannot be read or has a row without the fields the recipe needs (exit 2)."""
+
+
+class LoraTargetError(RecipeError):
+    """LoRA targets that match nothing, or expert LoRA asked for but no expert adapted (exit 2)."""
+
+
+class UnknownFamilyError(RecipeError):
+    """A model whose routers this toolkit does not know how to find (exit 2)."""
+
+
+class OutputDirError(RecipeError):
+    """An existing non-empty output directory without --overwrite (exit 2)."""
+
+
+class DatasetTooSmallError(MoeFinetuneError):
+    """Fewer training examples than the threshold (exit 3). Raised before any model is loaded."""
+
+    exit_code = 3
+
+
+class TrainingHalted(MoeFinetuneError):
+    """A guard stopped training on expert collapse (exit 4). A checkpoint and a report exist."""
+
+    exit_code = 4
+
+
+class TrainingInterrupted(MoeFinetuneError):
+    """Ctrl-C / SIGTERM during training (exit 130). A checkpoint at the current step was saved."""
+
+    exit_code = 130

@@ -1,0 +1,207 @@
+"""LoRA targets for an MoE model: attention projections as modules, fused experts as parameters.
+
+In transformers 5 the experts are 3-D `nn.Parameter`s, not `nn.Linear`s, so PEFT reaches them only
+through `LoraConfig(target_parameters=...)`. A recipe that asks for expert LoRA and silently gets
+an attention-only adapter is a well-known failure of other tools; here it is an error (exit 2),
+and every run prints what it really adapted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from moe_finetune.errors import LoraTargetError
+from moe_finetune.models.families import FamilySpec
+from moe_finetune.recipe import LoraSection
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def router_module_names(model: Any, spec: FamilySpec) -> list[str]:
+    """Full names of the router modules, in layer order (the family table says their classes).
+
+    A trainable router is wrapped by PEFT's ModulesToSaveWrapper, which holds two copies of it
+    (`original_module` and `modules_to_save.<adapter>`); both count as the one router at the
+    wrapper's name.
+    """
+    names: list[str] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in spec.router_classes:
+            continue
+        name = name.split(".original_module")[0].split(".modules_to_save.")[0]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def attention_targets(lora: LoraSection, spec: FamilySpec) -> list[str]:
+    if not lora.attention:
+        return []
+    return list(lora.target_modules) if lora.target_modules is not None else list(spec.attention_modules)
+
+
+def expert_targets(lora: LoraSection, spec: FamilySpec) -> list[str]:
+    if not lora.experts:
+        return []
+    return (
+        list(lora.target_parameters)
+        if lora.target_parameters is not None
+        else spec.expert_target_parameters()
+    )
+
+
+def check_targets(model: Any, lora: LoraSection, spec: FamilySpec) -> None:
+    """Every target must exist, and expert LoRA must reach the experts of every MoE layer.
+
+    Works on a model built on the meta device, so `validate` can check a 46B-parameter recipe
+    without its weights.
+    """
+    module_names = [name for name, _ in model.named_modules()]
+    param_names = [name for name, _ in model.named_parameters()]
+    for target in attention_targets(lora, spec):
+        if not any(_matches(name, target) for name in module_names):
+            leaves = sorted(
+                {n.rsplit(".", 1)[-1] for n in module_names if "layers.0." in n or "blocks.0." in n}
+            )
+            raise LoraTargetError(
+                f"lora.target_modules: {target!r} matches no module of {type(model).__name__}; "
+                f"module names in its first layer: {', '.join(leaves)}"
+            )
+    experts = expert_targets(lora, spec)
+    for target in experts:
+        if not any(_matches(name, target) for name in param_names):
+            raise LoraTargetError(
+                f"lora.target_parameters: {target!r} matches no parameter of {type(model).__name__}; "
+                f"this family's expert parameters are {', '.join(spec.expert_parameters)}"
+            )
+    if experts:
+        routers = router_module_names(model, spec)
+        covered = {
+            name.rsplit(".experts.", 1)[0] for name in param_names if any(_matches(name, t) for t in experts)
+        }
+        missing = [r for r in routers if r.rsplit(".", 1)[0] not in covered]
+        if missing:
+            raise LoraTargetError(
+                f"lora.target_parameters {experts} leave the experts of {len(missing)} of {len(routers)} MoE "
+                f"layers frozen (first: {missing[0].rsplit('.', 1)[0]}); set lora.experts: false to train "
+                "attention only on purpose"
+            )
+
+
+def build_lora_config(model: Any, lora: LoraSection, spec: FamilySpec) -> Any:
+    """The PEFT LoraConfig for this recipe section on this model (targets checked first)."""
+    from peft import LoraConfig
+
+    check_targets(model, lora, spec)
+    modules = attention_targets(lora, spec)
+    params = expert_targets(lora, spec)
+    if not modules and not params and not lora.router:
+        raise LoraTargetError("lora: attention, experts and router are all off: there is nothing to train")
+    routers = (
+        sorted({name.rsplit(".", 1)[-1] for name in router_module_names(model, spec)})
+        if lora.router
+        else None
+    )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout if not params else 0.0,
+        # PEFT cannot apply dropout inside a parameter wrapper; an empty list (not None) means "no modules".
+        target_modules=modules,
+        target_parameters=params or None,
+        modules_to_save=routers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass
+class Coverage:
+    """What the adapter really touches, counted on the wrapped model."""
+
+    attention_modules: int
+    attention_layers: int
+    expert_layers: int
+    moe_layers: int
+    num_experts: int
+    expert_parameters: list[str]
+    router_trainable: bool
+    trainable: int
+    total: int
+
+    def line(self) -> str:
+        share = 100.0 * self.trainable / max(self.total, 1)
+        experts = (
+            f"experts {self.expert_layers}/{self.moe_layers} MoE layers x {self.num_experts} experts "
+            f"({', '.join(self.expert_parameters)})"
+            if self.expert_parameters
+            else f"experts frozen (0/{self.moe_layers} MoE layers)"
+        )
+        return (
+            f"LoRA coverage: attention {self.attention_modules} modules in {self.attention_layers} layers; {experts}; "
+            f"router {'trainable' if self.router_trainable else 'frozen'}; trainable parameters "
+            f"{self.trainable:,} of {self.total:,} ({share:.2f}%)"
+        )
+
+
+def _layer_of(name: str) -> str:
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return name
+
+
+def coverage(peft_model: Any, spec: FamilySpec) -> Coverage:
+    """Count adapted attention modules, expert layers and trainable parameters on a PEFT model."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    attention, attention_layers, expert_layers, expert_params = 0, set(), set(), set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, ParamWrapper):
+            expert_layers.add(_layer_of(name))
+            expert_params.add(module.parameter_name)
+        elif isinstance(module, LoraLayer):
+            attention += 1
+            attention_layers.add(_layer_of(name))
+    routers = router_module_names(peft_model, spec)
+    router_trainable = any(
+        p.requires_grad
+        for name, p in peft_model.named_parameters()
+        if any(name.startswith(r) for r in routers)
+    ) or any("modules_to_save" in name and p.requires_grad for name, p in peft_model.named_parameters())
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return Coverage(
+        attention_modules=attention,
+        attention_layers=len(attention_layers),
+        expert_layers=len(expert_layers),
+        moe_layers=len(routers),
+        num_experts=spec.num_experts(peft_model.config),
+        expert_parameters=sorted(expert_params),
+        router_trainable=router_trainable,
+        trainable=trainable,
+        total=total,
+    )
+
+
+def apply_lora(model: Any, lora: LoraSection, spec: FamilySpec) -> tuple[Any, Coverage]:
+    """Wrap `model` with the recipe's LoRA adapter and verify that what was asked for was adapted."""
+    from peft import get_peft_model
+
+    config = build_lora_config(model, lora, spec)
+    peft_model = get_peft_model(model, config)
+    cov = coverage(peft_model, spec)
+    if lora.experts and cov.expert_layers == 0:
+        raise LoraTargetError(
+            "lora.experts is true but PEFT adapted no expert parameter: the adapter would leave every expert "
+            f"frozen. Targets were {expert_targets(lora, spec)}"
+        )
+    if lora.experts and cov.expert_layers < cov.moe_layers:
+        raise LoraTargetError(
+            f"lora.experts: only {cov.expert_layers} of {cov.moe_layers} MoE layers got expert LoRA"
+        )
+    return peft_model, cov

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models are built once per session in a private cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Keep test-built tiny models out of the user's cache (and make every session start clean)."""
+    cache = tmp_path_factory.mktemp("moe-cache")
+    previous = os.environ.get("MOE_FINETUNE_CACHE")
+    os.environ["MOE_FINETUNE_CACHE"] = str(cache)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield cache
+    if previous is None:
+        os.environ.pop("MOE_FINETUNE_CACHE", None)
+    else:
+        os.environ["MOE_FINETUNE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(_private_model_cache: Path) -> Path:
+    from moe_finetune.models.tiny import build_tiny
+
+    return build_tiny("mixtral")
+
+
+@pytest.fixture
+def small_jsonl(tmp_path: Path) -> Path:
+    """A 40-row prompt/completion dataset (too small for the default threshold, on purpose)."""
+    path = tmp_path / "small.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}?\n", "completion": f"{2 * i}"} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def recipe_factory(tmp_path: Path, small_jsonl: Path):
+    """Write a tiny-mixtral recipe into tmp_path; `extra` is YAML appended verbatim."""
+
+    def make(extra: str = "", data_path: Path | None = None, name: str = "recipe.yaml") -> Path:
+        text = (
+            "model:\n  name: tiny-mixtral\n"
+            f"data:\n  path: {data_path or small_jsonl}\n  min_examples: 10\n"
+            f"output_dir: {tmp_path / 'run'}\n"
+            "training:\n  max_steps: 4\n  per_device_train_batch_size: 4\n  logging_steps: 2\n"
+            "  max_length: 64\n  save_steps: 2\n  learning_rate: 1.0e-3\n"
+        ) + extra
+        return write_recipe(tmp_path / name, text)
+
+    return make

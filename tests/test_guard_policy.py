@@ -1,0 +1,380 @@
+"""GuardPolicy driven by scripted routing metrics: what it does to the learning rate and when it halts.
+
+Defaults are DESIGN.md section 5: baseline over 3 logging steps, cut x0.5 at a 10% pooled (20% per-layer)
+drop, cooldown 2, at most 3 cuts, min_lr 1e-7, halt at 40% (50%), load > 3x uniform, a quarter of a
+layer's experts dead for 3 checks, or any non-finite value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from moe_finetune.callbacks.policy import GuardAction, GuardConfig, GuardPolicy, RoutingSnapshot
+
+EXPERTS = 8
+UNIFORM = [1 / EXPERTS] * EXPERTS
+LR0 = 1e-5
+
+
+def snap(step, pooled, layers=None, load=None, names=None, finite=True):
+    """A snapshot with `pooled` entropy in every layer and uniform load unless told otherwise."""
+    layers = [pooled, pooled] if layers is None else layers
+    load = [list(UNIFORM) for _ in layers] if load is None else load
+    return RoutingSnapshot(step, pooled, layers, load, finite=finite, layer_names=names)
+
+
+def drive(policy, pooled_values, lr0=LR0, first_step=1):
+    """Feed pooled entropies one logging step at a time, the LR following the policy's cuts."""
+    return [
+        policy.update(snap(first_step + i, value), current_lr=lr0 * policy.multiplier)
+        for i, value in enumerate(pooled_values)
+    ]
+
+
+def kinds(actions):
+    return [a.kind for a in actions]
+
+
+def with_dead_experts(count):
+    """Load shares for one layer where `count` experts get almost nothing (0.005 < 0.1 x 1/8)."""
+    dead_share = 0.005
+    alive_share = (1 - count * dead_share) / (EXPERTS - count)
+    return [dead_share] * count + [alive_share] * (EXPERTS - count)
+
+
+# ---------------------------------------------------------------- healthy runs never act
+
+
+def test_steady_routing_never_acts():
+    policy = GuardPolicy(GuardConfig())
+    wobble = [0.80 + 0.01 * math.sin(i) for i in range(60)]
+    assert set(kinds(drive(policy, wobble))) == {"none"}
+    assert policy.multiplier == 1.0 and policy.cuts_made == 0
+
+
+def test_slow_decline_that_stays_under_the_thresholds_never_acts():
+    policy = GuardPolicy(GuardConfig())
+    decline = [0.80 - 0.064 * i / 59 for i in range(60)]  # ends 8% below baseline: under the 10% cut
+    assert set(kinds(drive(policy, decline))) == {"none"}
+
+
+def test_no_relative_action_while_the_baseline_is_being_collected():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.9, 0.3, 0.9])  # a 67% "drop" inside the baseline window is not judged
+    assert kinds(actions) == ["none", "none", "none"]
+    assert policy.baseline == pytest.approx(0.7)
+    assert policy.layer_baseline == pytest.approx([0.7, 0.7])
+
+
+# ---------------------------------------------------------------- cuts
+
+
+def test_sharp_pooled_drop_cuts_lr_by_half_cools_down_for_two_windows_then_cuts_again():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.68, 0.68, 0.68])
+    assert kinds(actions) == ["none", "none", "none", "cut_lr", "none", "none", "cut_lr"]
+    first_cut = actions[3]
+    assert first_cut.factor == 0.5 and first_cut.step == 4
+    assert (
+        "pooled routing entropy 0.68 is 15% below its baseline 0.80 (cut threshold 10%)" in first_cut.reason
+    )
+    assert "cut 1 of 3" in first_cut.reason
+    assert first_cut.details["lr_before"] == pytest.approx(1e-5)
+    assert first_cut.details["lr_after"] == pytest.approx(5e-6)
+    assert "cooling down" in actions[4].reason
+    assert actions[6].details["lr_before"] == pytest.approx(5e-6)
+    assert policy.multiplier == pytest.approx(0.25)
+
+
+def test_single_layer_drop_cuts_and_names_the_layer():
+    names = [f"model.layers.{i}.mlp.gate" for i in range(4)]
+    policy = GuardPolicy(GuardConfig())
+    for step in (1, 2, 3):
+        policy.update(snap(step, 0.8, layers=[0.8] * 4, names=names), LR0)
+    # layer 2 falls 25% (over the 20% layer threshold) while the pooled mean falls only 6%
+    action = policy.update(snap(4, 0.75, layers=[0.8, 0.8, 0.6, 0.8], names=names), LR0)
+    assert action.kind == "cut_lr" and action.factor == 0.5
+    assert (
+        "layer model.layers.2.mlp.gate routing entropy 0.60 is 25% below its baseline 0.80" in action.reason
+    )
+    assert "pooled" not in action.reason
+    assert [fault["layer"] for fault in action.details["layers"]] == [2]
+
+
+def test_recovery_after_a_cut_takes_no_more_actions():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68] + [0.79] * 30)
+    assert kinds(actions).count("cut_lr") == 1
+    assert set(kinds(actions[4:])) == {"none"}
+    assert policy.multiplier == 0.5
+
+
+def test_set_baseline_from_a_probe_batch_lets_the_first_step_be_judged():
+    policy = GuardPolicy(GuardConfig())
+    policy.set_baseline(0.8, [0.8, 0.8])
+    action = policy.update(snap(1, 0.68), LR0)
+    assert action.kind == "cut_lr"
+    assert "baseline 0.80" in action.reason
+
+
+def test_cut_is_clipped_so_the_lr_lands_on_min_lr_and_then_a_further_drop_halts():
+    policy = GuardPolicy(GuardConfig(min_lr=1e-7))
+    lr0 = 1.5e-7  # x0.5 would give 7.5e-8, below min_lr
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.68, 0.68, 0.68], lr0=lr0)
+    cut = actions[3]
+    assert cut.kind == "cut_lr"
+    assert cut.factor == pytest.approx(1e-7 / 1.5e-7)
+    assert lr0 * cut.factor == pytest.approx(1e-7)
+    assert "clipped to min_lr" in cut.reason
+    assert kinds(actions[4:6]) == ["none", "none"]  # cooldown
+    assert actions[6].kind == "halt"
+    assert "already at min_lr" in actions[6].reason and "last cut at step 4" in actions[6].reason
+    assert policy.cuts_made == 1
+
+
+# ---------------------------------------------------------------- halts
+
+
+def test_collapse_that_continues_after_the_last_allowed_cut_halts_naming_that_cut():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8] + [0.68] * 10)
+    assert kinds(actions) == ["none"] * 3 + ["cut_lr", "none", "none"] * 3 + ["halt"]
+    halt = actions[-1]
+    assert halt.step == 13
+    assert "even after the last allowed cut (3 of 3, at step 10)" in halt.reason
+    assert halt.details["check"] == "after_last_cut"
+    assert policy.multiplier == pytest.approx(0.125)
+
+
+def test_with_cuts_turned_off_a_cut_condition_halts():
+    policy = GuardPolicy(GuardConfig(max_cuts=0))
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68])
+    assert actions[-1].kind == "halt" and "max_cuts 0" in actions[-1].reason
+
+
+def test_deep_pooled_drop_halts_at_once_without_cutting_first():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.45])
+    assert actions[-1].kind == "halt"
+    assert (
+        "pooled routing entropy 0.45 is 44% below its baseline 0.80 (halt threshold 40%)"
+        in actions[-1].reason
+    )
+    assert policy.cuts_made == 0
+
+
+def test_deep_single_layer_drop_halts_naming_the_layer():
+    policy = GuardPolicy(GuardConfig())
+    for step in (1, 2, 3):
+        policy.update(snap(step, 0.8, layers=[0.8, 0.8, 0.8]), LR0)
+    action = policy.update(snap(4, 0.67, layers=[0.8, 0.35, 0.8]), LR0)
+    assert action.kind == "halt"
+    assert "layer 1 routing entropy 0.35 is 56% below its baseline 0.80 (halt threshold 50%)" in action.reason
+
+
+def test_hard_halts_still_apply_during_cooldown():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.4])
+    assert kinds(actions[3:]) == ["cut_lr", "halt"]
+
+
+def test_expert_over_three_times_uniform_load_halts_naming_layer_and_expert():
+    hot = [0.6 / 7] * EXPERTS
+    hot[5] = 0.4  # 3.2x uniform (1/8)
+    policy = GuardPolicy(GuardConfig())
+    # an absolute threshold: judged from the very first step, baseline or not
+    action = policy.update(snap(1, 0.8, load=[list(UNIFORM), hot]), LR0)
+    assert action.kind == "halt"
+    assert "expert 5 in layer 1 receives 40% of top-k assignments, 3.2x uniform (limit 3x)" in action.reason
+    assert action.details["experts"][0]["expert"] == 5
+
+
+def test_expert_just_under_the_load_limit_does_not_halt():
+    warm = [0.63 / 7] * EXPERTS
+    warm[0] = 0.37  # 2.96x uniform
+    policy = GuardPolicy(GuardConfig())
+    assert policy.update(snap(1, 0.8, load=[list(UNIFORM), warm]), LR0).kind == "none"
+
+
+def test_a_quarter_of_a_layers_experts_dead_for_three_consecutive_checks_halts():
+    policy = GuardPolicy(GuardConfig())
+    load = [list(UNIFORM), with_dead_experts(2)]  # 2 of 8 = 25% dead in layer 1
+    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in (1, 2, 3)]
+    assert kinds(actions) == ["none", "none", "halt"]
+    assert "layer 1 has had 2 of 8 experts dead" in actions[-1].reason
+    assert "for 3 consecutive checks" in actions[-1].reason
+    assert actions[-1].details["layers"][0]["dead_experts"] == [0, 1]
+
+
+def test_dead_experts_that_recover_before_the_third_check_do_not_halt():
+    policy = GuardPolicy(GuardConfig())
+    dead = [list(UNIFORM), with_dead_experts(2)]
+    healthy = [list(UNIFORM), list(UNIFORM)]
+    loads = [dead, dead, healthy, dead, dead, healthy, dead]
+    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step, load in enumerate(loads, start=1)]
+    assert set(kinds(actions)) == {"none"}
+
+
+def test_one_dead_expert_of_eight_is_under_the_quarter_and_never_halts():
+    policy = GuardPolicy(GuardConfig())
+    load = [list(UNIFORM), with_dead_experts(1)]
+    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in range(1, 11)]
+    assert set(kinds(actions)) == {"none"}
+
+
+def test_entropy_floor_halts_below_it_and_is_off_by_default():
+    assert GuardPolicy(GuardConfig()).update(snap(1, 0.05), LR0).kind == "none"
+    action = GuardPolicy(GuardConfig(entropy_floor=0.2)).update(snap(1, 0.15), LR0)
+    assert action.kind == "halt" and "below the floor 0.200" in action.reason
+
+
+@pytest.mark.parametrize(
+    "snapshot",
+    [
+        snap(4, float("nan")),
+        snap(4, 0.8, layers=[0.8, float("inf")]),
+        snap(4, 0.8, load=[list(UNIFORM), [float("nan")] * EXPERTS]),
+        snap(4, 0.8, finite=False),
+    ],
+    ids=["nan_pooled", "inf_layer", "nan_load", "router_logits_not_finite"],
+)
+def test_non_finite_router_output_halts(snapshot):
+    policy = GuardPolicy(GuardConfig())
+    drive(policy, [0.8, 0.8, 0.8])
+    action = policy.update(snapshot, LR0)
+    assert action.kind == "halt"
+    assert "not finite" in action.reason and "step 4" in action.reason
+
+
+def test_non_finite_output_is_skipped_when_halting_on_it_is_off():
+    policy = GuardPolicy(GuardConfig(halt_on_nonfinite=False))
+    action = policy.update(snap(1, float("nan")), LR0)
+    assert action.kind == "none" and "skipped" in action.reason
+    assert policy.state_dict()["baseline_samples"] == []  # a NaN never enters the baseline
+
+
+# ---------------------------------------------------------------- resume
+
+
+SCRIPT = [0.8, 0.81, 0.79, 0.68, 0.67, 0.69, 0.66, 0.7, 0.79, 0.68, 0.68, 0.68, 0.68, 0.68, 0.68, 0.68]
+DEAD_EVERY_OTHER = [with_dead_experts(2) if i % 3 else list(UNIFORM) for i in range(len(SCRIPT))]
+
+
+def scripted_snapshot(i):
+    return snap(i + 1, SCRIPT[i], load=[list(UNIFORM), DEAD_EVERY_OTHER[i]])
+
+
+@pytest.mark.parametrize("stop_after", [2, 4, 5, 8, 12])  # mid-baseline, right after a cut, in cooldown, ...
+def test_state_dict_round_trip_mid_sequence_gives_identical_subsequent_decisions(stop_after):
+    original = GuardPolicy(GuardConfig())
+    for i in range(stop_after):
+        original.update(scripted_snapshot(i), LR0 * original.multiplier)
+
+    resumed = GuardPolicy(GuardConfig())
+    resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    assert resumed.state_dict() == original.state_dict()
+
+    for i in range(stop_after, len(SCRIPT)):
+        expected = original.update(scripted_snapshot(i), LR0 * original.multiplier)
+        got = resumed.update(scripted_snapshot(i), LR0 * resumed.multiplier)
+        assert got == expected
+    assert resumed.state_dict() == original.state_dict()
+
+
+def test_replaying_an_already_judged_step_does_nothing():
+    policy = GuardPolicy(GuardConfig())
+    cut = drive(policy, [0.8, 0.8, 0.8, 0.68])[-1]
+    assert cut.kind == "cut_lr"
+    before = policy.state_dict()
+    for step in (4, 3, 1):  # a resumed Trainer may log the checkpoint's step again
+        replay = policy.update(snap(step, 0.3), LR0)
+        assert replay == GuardAction("none", replay.reason, step=step, details={"check": "replay"})
+        assert "already judged" in replay.reason
+    assert policy.state_dict() == before
+
+
+def test_load_state_dict_rejects_a_foreign_dict():
+    with pytest.raises(ValueError, match="missing"):
+        GuardPolicy(GuardConfig()).load_state_dict({"best_score": 1.0})
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_defaults_are_the_design_section_5_values_and_every_field_is_described():
+    config = GuardConfig()
+    assert (config.baseline_steps, config.cut_drop, config.cut_layer_drop, config.cut_factor) == (
+        3,
+        0.1,
+        0.2,
+        0.5,
+    )
+    assert (config.cooldown, config.max_cuts, config.min_lr) == (2, 3, 1e-7)
+    assert (config.halt_drop, config.halt_layer_drop, config.max_load_ratio) == (0.4, 0.5, 3.0)
+    assert (config.dead_threshold, config.dead_fraction, config.dead_patience) == (0.1, 0.25, 3)
+    assert config.entropy_floor is None and config.halt_on_nonfinite and config.capacity_factor == 1.25
+    assert all(info.description for info in GuardConfig.model_fields.values())
+
+
+def test_halt_drop_not_deeper_than_cut_drop_is_rejected():
+    with pytest.raises(ValidationError, match=r"halt_drop \(0.1\) must be greater than cut_drop \(0.2\)"):
+        GuardConfig(cut_drop=0.2, halt_drop=0.1)
+    with pytest.raises(ValidationError, match="halt_layer_drop"):
+        GuardConfig(cut_layer_drop=0.5, halt_layer_drop=0.5)
+
+
+def test_unknown_guard_key_is_rejected():
+    with pytest.raises(ValidationError, match="cut_dorp"):
+        GuardConfig(cut_dorp=0.1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"cut_factor": 1.0},
+        {"cut_drop": 0.0},
+        {"dead_fraction": 1.5},
+        {"max_load_ratio": 1.0},
+        {"baseline_steps": 0},
+    ],
+)
+def test_out_of_range_thresholds_are_rejected(bad):
+    with pytest.raises(ValidationError, match=next(iter(bad))):
+        GuardConfig(**bad)
+
+
+# ---------------------------------------------------------------- invariants
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pooled=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40),
+    layer_jitter=st.lists(st.floats(-0.3, 0.3), min_size=40, max_size=40),
+    lr0=st.floats(1e-7, 1e-3),
+    min_lr=st.sampled_from([0.0, 1e-7, 5e-6, 1e-4]),
+    cut_factor=st.floats(0.05, 0.95),
+    max_cuts=st.integers(0, 5),
+    cooldown=st.integers(0, 3),
+)
+def test_multiplier_stays_between_min_lr_over_lr0_and_one_and_cuts_never_exceed_max_cuts(
+    pooled, layer_jitter, lr0, min_lr, cut_factor, max_cuts, cooldown
+):
+    config = GuardConfig(
+        min_lr=min_lr, cut_factor=cut_factor, max_cuts=max_cuts, cooldown=cooldown, max_load_ratio=10.0
+    )
+    policy = GuardPolicy(config)
+    lowest = min(1.0, min_lr / lr0)
+    for step, (value, jitter) in enumerate(zip(pooled, layer_jitter[: len(pooled)], strict=True), start=1):
+        layers = [value, min(1.0, max(0.0, value + jitter))]
+        action = policy.update(snap(step, value, layers=layers), lr0 * policy.multiplier)
+        if action.kind == "cut_lr":
+            assert 0 < action.factor < 1
+        assert lowest * (1 - 1e-9) <= policy.multiplier <= 1.0
+        assert lr0 * policy.multiplier >= min(lr0, min_lr) * (1 - 1e-9)
+        assert policy.cuts_made <= max_cuts

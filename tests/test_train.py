@@ -1,0 +1,101 @@
+"""End to end through the CLI: train a few steps, reload the adapter, and every exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from moe_finetune.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_the_run_directory_and_a_loadable_adapter(
+    recipe_factory, tmp_path: Path, tiny_mixtral_dir: Path, capsys
+) -> None:
+    recipe = recipe_factory()
+    code, out, err = _run(capsys, "train", str(recipe), "--set", "lora.r=4", "--set", "training.learning_rate=5e-3")
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_config.json").exists()
+    assert (run / "checkpoint-4").is_dir()
+    resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
+    assert resolved["lora"]["r"] == 4
+    assert resolved["training"]["learning_rate"] == pytest.approx(5e-3)
+    assert "LoRA coverage" in out and "experts 2/2 MoE layers" in out
+    assert "done: 4 steps" in out
+
+    from peft import PeftModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run / "adapter")
+    batch = tokenizer(["What is 2 plus 2?"], return_tensors="pt")
+    with torch.no_grad():
+        before = base(**batch).logits.clone()
+        adapted = PeftModel.from_pretrained(base, run / "adapter")
+        after = adapted(**batch).logits
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert not torch.allclose(before, after, atol=1e-6)
+
+
+def test_existing_run_directory_is_refused_without_overwrite(recipe_factory, tmp_path: Path, capsys) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("earlier work")
+    code, _, err = _run(capsys, "train", str(recipe_factory()))
+    assert code == 2
+    assert "--overwrite" in err and "Traceback" not in err
+    assert (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_small_dataset_exits_3_before_anything_is_written(recipe_factory, tmp_path: Path, capsys) -> None:
+    code, _, err = _run(capsys, "train", str(recipe_factory()), "--set", "data.min_examples=10000")
+    assert code == 3
+    assert "40 training examples" in err and "10,000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_accepts_a_good_recipe(recipe_factory, capsys) -> None:
+    code, out, _ = _run(capsys, "validate", str(recipe_factory()))
+    assert code == 0
+    assert "is valid" in out and "tiny-mixtral (mixtral" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("lora:\n  target_modules: [query]\n", "lora.target_modules"),
+        ("lora:\n  rank: 3\n", "lora.rank"),
+        ("lora:\n  r: x\n", "lora.r"),
+    ],
+)
+def test_validate_rejects_bad_recipes_with_exit_2(recipe_factory, capsys, extra: str, fragment: str) -> None:
+    code, _, err = _run(capsys, "validate", str(recipe_factory(extra)))
+    assert code == 2
+    assert fragment in err and "Traceback" not in err
+
+
+def test_validate_names_a_missing_data_file(recipe_factory, tmp_path: Path, capsys) -> None:
+    code, _, err = _run(capsys, "validate", str(recipe_factory(data_path=tmp_path / "absent.jsonl")))
+    assert code == 2
+    assert "data.path" in err and "absent.jsonl" in err
+
+
+def test_bad_row_exits_2_naming_the_row(recipe_factory, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "c"}\n')
+    code, _, err = _run(capsys, "train", str(recipe_factory(data_path=data)))
+    assert code == 2
+    assert "line 2 is missing the field 'completion'" in err
+    assert not (tmp_path / "run").exists()
