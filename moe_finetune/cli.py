@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import MoeFinetuneError
+from moe_finetune.errors import MoeFinetuneError, RecipeError
 
 
 def _quiet_libraries() -> None:
@@ -68,6 +68,32 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from moe_finetune.inspect import inspect_model, load_config
+
+    if args.model is None and not args.recipe:
+        raise RecipeError("inspect: give a MODEL_OR_CONFIG, or --recipe to inspect the recipe's model")
+    lora_config = None
+    if args.recipe:
+        from moe_finetune.models.families import family_for_config
+        from moe_finetune.models.lora import build_lora_config
+        from moe_finetune.recipe import load_recipe
+        from moe_finetune.validate import meta_model
+
+        recipe = load_recipe(args.recipe, list(args.set or []))
+        if args.model is None:
+            args.model = (
+                str(recipe.resolve_path(recipe.model.config)) if recipe.model.config else recipe.model.name
+            )
+        config = load_config(args.model)
+        lora_config = build_lora_config(meta_model(config), recipe.lora, family_for_config(config))
+    report = inspect_model(args.model, lora_config=lora_config)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-finetune",
@@ -103,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
     validate.add_argument("--skip-data", action="store_true", help="do not read and count the dataset")
     validate.set_defaults(func=cmd_validate)
+
+    inspect = sub.add_parser(
+        "inspect", help="parameters (total, experts, active per token), memory estimates, LoRA size"
+    )
+    inspect.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL_OR_CONFIG",
+        help="a config.json, a model folder, a shipped config name (mixtral-8x7b, ...) or a hub id "
+        "(default with --recipe: the recipe's model)",
+    )
+    inspect.add_argument("--recipe", help="also count the LoRA parameters and optimizer state of this recipe")
+    inspect.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

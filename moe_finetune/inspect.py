@@ -73,6 +73,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = [
+    "CATEGORIES",
+    "CONFIGS_DIR",
     "SHIPPED_CONFIGS",
     "InspectReport",
     "LoraEstimate",
@@ -536,7 +538,7 @@ def _memory_rows(model: nn.Module, category: dict[str, str]) -> list[MemoryEstim
     quantized_linears = _quantizable_linears(model)
     params = dict(model.named_parameters())
 
-    # Per parameter: (numel, native bytes, rows if quantized as a Linear weight, how it is treated).
+    # Weights that get quantized, as (numel, output rows, bytes as loaded); all else stays as loaded.
     native_total = 0
     linear_weights: list[tuple[int, int, int]] = []  # (numel, rows, native bytes): transformers + bnb
     expert_weights: list[tuple[int, int, int]] = []  # the same for routed experts: quantized only by us
@@ -550,8 +552,8 @@ def _memory_rows(model: nn.Module, category: dict[str, str]) -> list[MemoryEstim
             # F.linear(x, W[e]) per expert: a row is one output feature of one expert.
             expert_weights.append((param.numel(), param.numel() // param.shape[-1], native))
 
-    def quantized(weights: list[tuple[int, int, int]], per_weight: float, per_row: int) -> int:
-        """Bytes saved (negative) by quantizing these weights: after minus before."""
+    def bytes_change(weights: list[tuple[int, int, int]], per_weight: float, per_row: int) -> int:
+        """Bytes after quantizing these weights minus bytes before (negative: saved)."""
         return sum(math.ceil(numel * per_weight) + rows * per_row - native for numel, rows, native in weights)
 
     rows = [MemoryEstimate("bf16", native_total, native_total, "weights as loaded in bf16 (fp32 where kept)")]
@@ -560,8 +562,8 @@ def _memory_rows(model: nn.Module, category: dict[str, str]) -> list[MemoryEstim
         ("nf4", _NF4_BYTES, 0, "4 bits + fp32 absmax per 64 = 4.5 bits/weight (transformers' default)"),
         ("nf4_double_quant", _NF4_DOUBLE_QUANT_BYTES, 0, "double quant: ~4.127 bits/weight"),
     ):
-        as_transformers = native_total + quantized(linear_weights, per_weight, per_row)
-        experts_too = as_transformers + quantized(expert_weights, per_weight, per_row)
+        as_transformers = native_total + bytes_change(linear_weights, per_weight, per_row)
+        experts_too = as_transformers + bytes_change(expert_weights, per_weight, per_row)
         rows.append(MemoryEstimate(precision, as_transformers, experts_too, note))
     return rows
 

@@ -149,6 +149,7 @@ class Recipe(_Section):
 
     # Where the recipe came from: relative paths in it are resolved against this directory.
     _base_dir: Path = Path(".")
+    _source: str | None = None
 
     @field_validator("training", mode="after")
     @classmethod
@@ -158,6 +159,11 @@ class Recipe(_Section):
     @property
     def base_dir(self) -> Path:
         return self._base_dir
+
+    @property
+    def source(self) -> str | None:
+        """The recipe file this was loaded from (for messages that tell the user what to rerun)."""
+        return self._source
 
     def resolve_path(self, path: str) -> Path:
         """A path from the recipe: absolute as is, else relative to the recipe file's directory."""
@@ -319,6 +325,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     except ValidationError as err:
         raise RecipeError(format_validation_error(err, str(path))) from None
     recipe._base_dir = path.resolve().parent
+    recipe._source = str(path)
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / path.stem)
     return recipe

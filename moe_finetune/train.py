@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_finetune.callbacks.dataset_size import DEFAULT_MIN_EXAMPLES, check_dataset_size
 from moe_finetune.data import LoadedData, load_data
-from moe_finetune.errors import DatasetTooSmallError, OutputDirError, RecipeError
+from moe_finetune.errors import OutputDirError, RecipeError, TrainingHalted, TrainingInterrupted
 from moe_finetune.models.families import FamilySpec, family_for_config
 from moe_finetune.models.lora import Coverage, apply_lora
 from moe_finetune.models.tiny import build_tiny, family_of_tiny_name, is_tiny_name
@@ -45,17 +46,6 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
         raise OutputDirError(
             f"output_dir: {path} already exists and is not empty; pass --overwrite to replace it, "
             "--resume to continue its last checkpoint, or --output-dir to write elsewhere"
-        )
-
-
-def check_dataset_size(count: int, min_examples: int, source: str) -> None:
-    """Refuse small datasets (exit 3): the count, the threshold and both ways to override."""
-    if count < min_examples:
-        raise DatasetTooSmallError(
-            f"dataset refused: {source} has {count:,} training examples, fewer than the minimum of "
-            f"{min_examples:,}. MoE routers tend to collapse when fine-tuned on small datasets. To train "
-            "anyway, lower data.min_examples in the recipe (e.g. --set data.min_examples="
-            f"{count}) or pass --allow-small-dataset."
         )
 
 
@@ -135,8 +125,88 @@ def sft_config(recipe: Recipe, output_dir: Path, **extra: Any) -> Any:
 
 
 def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo) -> list[Any]:
-    """The routing callbacks a recipe asks for (monitor, guard); filled in by the routing package."""
-    return []
+    """The routing callbacks the recipe's `guards:` section asks for, monitor first (the guard reads it)."""
+    from moe_finetune.callbacks.guard import EntropyGuard
+    from moe_finetune.callbacks.monitor import RoutingMonitor
+
+    callbacks: list[Any] = []
+    monitor = None
+    if recipe.guards.monitor or recipe.guards.enabled:
+        monitor = RoutingMonitor(capacity_factor=recipe.guards.capacity_factor, output_dir=output_dir)
+        callbacks.append(monitor)
+    if recipe.guards.enabled:
+        callbacks.append(EntropyGuard(recipe.guards, monitor=monitor, output_dir=output_dir, echo=echo))
+    return callbacks
+
+
+class InterruptCallback:
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, stop; nothing trained is lost.
+
+    The signal only sets a flag; the decision is taken at a step end, and under several processes
+    the flag is all-reduced first, so every rank stops at the same step (no rank waits forever in
+    a collective the others have left). A second signal interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.requested:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = True
+        name = signal.Signals(signum).name
+        print(
+            f"\n{name} received: saving a checkpoint at the end of this step (press Ctrl-C again to abort now)"
+        )
+
+    def _agreed(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([1.0 if self.requested else 0.0])
+            if dist.get_backend() == "nccl":
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return bool(flag.item() > 0)
+        return self.requested
+
+    def as_trainer_callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class _Interrupt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer._agreed():
+                    outer.stopped_at = state.global_step
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return _Interrupt()
 
 
 def banner(
@@ -161,6 +231,35 @@ def banner(
     return "\n".join(lines)
 
 
+def save_adapter(trainer: Any, tokenizer: Any, adapter_dir: Path) -> None:
+    """Save the final adapter from every kind of run: single process, DDP, FSDP2 or ZeRO-3.
+
+    Under FSDP2 the adapter weights are sharded DTensors: every rank takes part in gathering them,
+    then rank 0 writes. Under ZeRO-3 the Trainer's own `save_model` knows how to gather.
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        trainer.save_model(str(adapter_dir))
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        DTensor = ()  # noqa: N806
+    state = {
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        for key, value in trainer.model.state_dict().items()
+        if "lora_" in key or "modules_to_save" in key
+    }
+    if trainer.is_world_process_zero():
+        trainer.model.save_pretrained(adapter_dir, state_dict=state)
+        tokenizer.save_pretrained(adapter_dir)
+
+
+def _last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
 def run(
     recipe: Recipe,
     *,
@@ -169,51 +268,127 @@ def run(
     resume: str | bool | None = None,
     echo: Echo = print,
 ) -> RunResult:
-    """Run a recipe end to end and return what happened."""
+    """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
     from trl import SFTTrainer
+
+    from moe_finetune.callbacks import attach
+    from moe_finetune.callbacks.guard import EntropyGuard, append_event, checkpoint_before_trouble
 
     start = time.perf_counter()
     output_dir = Path(recipe.output_dir or "runs/run")
     check_files(recipe)
     check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
+    resume_from: str | None = None
+    if resume:
+        resume_from = resume if isinstance(resume, str) else _last_checkpoint(output_dir)
+        if resume_from is None or not Path(resume_from).is_dir():
+            raise OutputDirError(
+                f"--resume: no checkpoint to resume from in {output_dir}"
+                if not isinstance(resume, str)
+                else f"--resume: checkpoint {resume} does not exist"
+            )
     for warning in recipe_warnings(recipe):
         echo(f"warning: {warning}")
 
     data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
-    if allow_small_dataset:
-        if data.num_train < recipe.data.min_examples:
-            echo(
-                f"WARNING: --allow-small-dataset: training on {data.num_train:,} examples, below the minimum of "
-                f"{recipe.data.min_examples:,}; watch routing entropy closely"
-            )
-    else:
-        check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))
+    override = None
+    if data.num_train < recipe.data.min_examples:
+        if not allow_small_dataset:
+            check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))
+        override = "--allow-small-dataset"
+    elif data.num_train < DEFAULT_MIN_EXAMPLES:
+        override = f"data.min_examples={recipe.data.min_examples}"
 
+    # The training arguments first: creating them sets up the process group, which FSDP's and
+    # ZeRO-3's sharded loading need before the model is read. Then seed: LoRA's A matrices are
+    # drawn in get_peft_model, before the Trainer would seed anything, and a run must be repeatable.
+    evaluate = (
+        {}
+        if recipe.data.eval_fraction == 0 or "eval_strategy" in recipe.training
+        else {"eval_strategy": "steps"}
+    )
+    args = sft_config(recipe, output_dir, **evaluate)
+    from transformers import set_seed
+
+    set_seed(args.seed)
     model, tokenizer, spec = load_model_and_tokenizer(recipe)
     model, cov = apply_lora(model, recipe.lora, spec)
-    args = sft_config(recipe, output_dir)
 
+    created = not output_dir.exists() or (overwrite and not resume)
     if overwrite and output_dir.exists() and not resume:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-    echo(banner(recipe, spec, model, data, output_dir, args))
-    echo(cov.line())
+    try:
+        (output_dir / "recipe.resolved.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        echo(banner(recipe, spec, model, data, output_dir, args))
+        echo(cov.line())
+        if override is not None:
+            message = (
+                f"dataset size override ({override}): training on {data.num_train:,} examples, below the "
+                f"recommended minimum of {max(recipe.data.min_examples, DEFAULT_MIN_EXAMPLES):,}; watch routing "
+                "entropy closely"
+            )
+            echo(f"WARNING: {message}")
+            append_event(
+                output_dir,
+                {
+                    "step": 0,
+                    "action": "allow_small_dataset",
+                    "reason": message,
+                    "count": data.num_train,
+                    "min_examples": recipe.data.min_examples,
+                    "override": override,
+                },
+            )
+        callbacks = make_callbacks(recipe, output_dir, echo)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+        )
+    except BaseException:
+        # Nothing was trained yet: leave no half-written run directory behind.
+        if created and _last_checkpoint(output_dir) is None:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
 
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=make_callbacks(recipe, output_dir, echo),
-    )
-    resume_from = resume if isinstance(resume, str) else (True if resume else None)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    attach(trainer, *callbacks)
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt.as_trainer_callback())
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        interrupt.uninstall()
+
+    monitor = next((c for c in callbacks if hasattr(c, "format_table")), None)
+    if (
+        monitor is not None
+        and trainer.is_world_process_zero()
+        and getattr(monitor, "latest", None) is not None
+    ):
+        echo(monitor.format_table())
+    guard = next((c for c in callbacks if isinstance(c, EntropyGuard)), None)
+    if guard is not None and guard.halted is not None:
+        earlier = checkpoint_before_trouble(output_dir, guard.events)
+        where = f"--resume {earlier}" if earlier is not None else "--resume"
+        raise TrainingHalted(
+            f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
+            f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / 'collapse_report.md'}; "
+            f"events: {output_dir / 'guard_events.jsonl'}. To go on with a lower learning rate: moe-finetune "
+            f"train {recipe.source or 'RECIPE'} --output-dir {output_dir} {where} --set training.learning_rate=LOWER"
+        )
+    if interrupt.stopped_at is not None:
+        raise TrainingInterrupted(
+            f"interrupted at step {interrupt.stopped_at}: checkpoint saved to "
+            f"{output_dir / f'checkpoint-{interrupt.stopped_at}'}. To continue: moe-finetune train "
+            f"{recipe.source or 'RECIPE'} --output-dir {output_dir} --resume"
+        )
 
     adapter_dir = output_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    save_adapter(trainer, tokenizer, adapter_dir)
     return RunResult(
         output_dir=output_dir,
         adapter_dir=adapter_dir,

@@ -70,8 +70,8 @@ def validate_recipe(
     check_files(recipe)
     report = ValidationReport(recipe=recipe, warnings=recipe_warnings(recipe))
     if check_data:
+        from moe_finetune.callbacks.dataset_size import check_dataset_size
         from moe_finetune.data import load_data
-        from moe_finetune.train import check_dataset_size
 
         data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
         check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from moe_finetune.callbacks.dataset_size import check_dataset_size
 from moe_finetune.data import load_data
 from moe_finetune.errors import DataError, DatasetTooSmallError
 from moe_finetune.recipe import DataSection
-from moe_finetune.train import check_dataset_size
 
 ROWS = [{"prompt": f"Add {i} and 1.\n", "completion": str(i + 1)} for i in range(20)]
 

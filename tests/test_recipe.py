@@ -75,7 +75,9 @@ def test_override_into_a_value_is_rejected() -> None:
         ("guards:\n  halt_drop: 0.05\n", ["halt_drop"]),
     ],
 )
-def test_invalid_fields_are_named_with_what_is_accepted(recipe_factory, extra: str, fragments: list[str]) -> None:
+def test_invalid_fields_are_named_with_what_is_accepted(
+    recipe_factory, extra: str, fragments: list[str]
+) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe_factory(extra))
     for fragment in fragments:

@@ -25,7 +25,9 @@ def test_train_writes_the_run_directory_and_a_loadable_adapter(
     recipe_factory, tmp_path: Path, tiny_mixtral_dir: Path, capsys
 ) -> None:
     recipe = recipe_factory()
-    code, out, err = _run(capsys, "train", str(recipe), "--set", "lora.r=4", "--set", "training.learning_rate=5e-3")
+    code, out, err = _run(
+        capsys, "train", str(recipe), "--set", "lora.r=4", "--set", "training.learning_rate=5e-3"
+    )
     assert code == 0, err
     run = tmp_path / "run"
     assert (run / "adapter" / "adapter_config.json").exists()

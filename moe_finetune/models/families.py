@@ -42,6 +42,8 @@ class FamilySpec:
     model_class: str
     router_classes: tuple[str, ...]
     expert_parameters: tuple[str, ...]
+    # The family's attention projections; variants of one family may have only some of them
+    # (DeepSeek with or without query compression), so defaults keep the ones a model really has.
     attention_modules: tuple[str, ...]
     num_experts_attrs: tuple[str, ...]
     top_k_attr: str = "num_experts_per_tok"
@@ -175,6 +177,35 @@ FAMILIES: dict[str, FamilySpec] = {
                 "topk_group": 1,
                 "routed_scaling_factor": 2.5,
                 "q_lora_rank": 16,
+                "kv_lora_rank": 16,
+                "qk_rope_head_dim": 8,
+                "qk_nope_head_dim": 8,
+                "v_head_dim": 16,
+                "head_dim": 8,
+            },
+        ),
+        FamilySpec(
+            name="deepseek_v2",
+            model_types=("deepseek_v2",),
+            config_class="DeepseekV2Config",
+            model_class="DeepseekV2ForCausalLM",
+            router_classes=("DeepseekV2TopkRouter",),
+            expert_parameters=_FUSED,
+            # MLA again; V2-Lite has no query compression, so q_proj instead of q_a_proj/q_b_proj.
+            attention_modules=("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"),
+            num_experts_attrs=("n_routed_experts", "num_experts"),
+            aux_loss_in_model=False,
+            tiny_config={
+                "num_key_value_heads": 4,
+                "intermediate_size": 128,
+                "moe_intermediate_size": 32,
+                "num_hidden_layers": 3,
+                "first_k_dense_replace": 1,
+                "n_routed_experts": 8,
+                "n_shared_experts": 1,
+                "num_experts_per_tok": 2,
+                "topk_method": "greedy",
+                "q_lora_rank": None,
                 "kv_lora_rank": 16,
                 "qk_rope_head_dim": 8,
                 "qk_nope_head_dim": 8,

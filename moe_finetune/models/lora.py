@@ -37,10 +37,16 @@ def router_module_names(model: Any, spec: FamilySpec) -> list[str]:
     return names
 
 
-def attention_targets(lora: LoraSection, spec: FamilySpec) -> list[str]:
+def attention_targets(lora: LoraSection, spec: FamilySpec, model: Any = None) -> list[str]:
+    """The recipe's target_modules, else the family's attention projections that `model` has."""
     if not lora.attention:
         return []
-    return list(lora.target_modules) if lora.target_modules is not None else list(spec.attention_modules)
+    if lora.target_modules is not None:
+        return list(lora.target_modules)
+    if model is None:
+        return list(spec.attention_modules)
+    names = [name for name, _ in model.named_modules()]
+    return [t for t in spec.attention_modules if any(_matches(name, t) for name in names)]
 
 
 def expert_targets(lora: LoraSection, spec: FamilySpec) -> list[str]:
@@ -61,7 +67,12 @@ def check_targets(model: Any, lora: LoraSection, spec: FamilySpec) -> None:
     """
     module_names = [name for name, _ in model.named_modules()]
     param_names = [name for name, _ in model.named_parameters()]
-    for target in attention_targets(lora, spec):
+    if lora.attention and lora.target_modules is None and not attention_targets(lora, spec, model):
+        raise LoraTargetError(
+            f"lora.attention: none of the {spec.name} attention projections {list(spec.attention_modules)} exist "
+            f"in {type(model).__name__}; set lora.target_modules"
+        )
+    for target in attention_targets(lora, spec, model):
         if not any(_matches(name, target) for name in module_names):
             leaves = sorted(
                 {n.rsplit(".", 1)[-1] for n in module_names if "layers.0." in n or "blocks.0." in n}
@@ -96,7 +107,7 @@ def build_lora_config(model: Any, lora: LoraSection, spec: FamilySpec) -> Any:
     from peft import LoraConfig
 
     check_targets(model, lora, spec)
-    modules = attention_targets(lora, spec)
+    modules = attention_targets(lora, spec, model)
     params = expert_targets(lora, spec)
     if not modules and not params and not lora.router:
         raise LoraTargetError("lora: attention, experts and router are all off: there is nothing to train")

@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Bumped whenever what `build_tiny` writes changes, so stale caches are not reused.
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA = REPO_ROOT / "data" / "instructions.jsonl.gz"
@@ -147,7 +147,7 @@ def build_tiny(
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
-                param.normal_(0.0, 0.5)
+                param.normal_(0.0, 0.15)
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:

@@ -1,0 +1,93 @@
+"""Refuse to fine-tune an MoE on too few examples: the field's advice is at least ~10,000.
+
+`check_dataset_size` is the one check, shared by `moe-finetune train` (which runs it right after
+loading the data, before any model is loaded, exit 3) and by `DatasetSizeGuard`, which applies the
+same rule to a Trainer a user already has, at `on_train_begin`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import TrainerCallback
+
+from moe_finetune.errors import DatasetTooSmallError
+
+DEFAULT_MIN_EXAMPLES = 10_000
+
+
+def check_dataset_size(
+    count: int, min_examples: int = DEFAULT_MIN_EXAMPLES, source: str = "the dataset"
+) -> None:
+    """Refuse small datasets (exit 3): the count, the threshold and both ways to override."""
+    if count < min_examples:
+        raise DatasetTooSmallError(
+            f"dataset refused: {source} has {count:,} training examples, fewer than the minimum of "
+            f"{min_examples:,}. MoE routers tend to collapse when fine-tuned on small datasets. To train "
+            f"anyway, lower data.min_examples in the recipe (e.g. --set data.min_examples={count}) or pass "
+            "--allow-small-dataset (DatasetSizeGuard(min_examples=...) or allow_small=True in Python)."
+        )
+
+
+def count_examples(dataset: Any) -> int:
+    """Examples before packing: a packed row of TRL's SFTTrainer holds several (its `seq_lengths`)."""
+    if dataset is None:
+        return 0
+    columns = getattr(dataset, "column_names", None) or []
+    if "seq_lengths" in columns:
+        return sum(len(lengths) for lengths in dataset["seq_lengths"])
+    return len(dataset)
+
+
+class DatasetSizeGuard(TrainerCallback):
+    """Refuse to start training on fewer than `min_examples` examples (raises DatasetTooSmallError).
+
+    With `allow_small=True` it lets training start, says so loudly, and records the override in
+    `guard_events.jsonl` so that the run directory tells the truth about it later.
+    """
+
+    def __init__(
+        self,
+        min_examples: int = DEFAULT_MIN_EXAMPLES,
+        allow_small: bool = False,
+        dataset: Any = None,
+        echo: Callable[[str], None] | None = print,
+    ) -> None:
+        self.min_examples = min_examples
+        self.allow_small = allow_small
+        self.dataset = dataset
+        self.echo = echo
+        self.count: int | None = None
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = self.dataset
+        if dataset is None and train_dataloader is not None:
+            dataset = getattr(train_dataloader, "dataset", None)
+        self.count = count_examples(dataset)
+        if self.count >= self.min_examples:
+            return control
+        if not self.allow_small:
+            check_dataset_size(self.count, self.min_examples, "the training dataset")
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            from moe_finetune.callbacks.guard import append_event
+
+            message = (
+                f"dataset size override: training on {self.count:,} examples, below the minimum of "
+                f"{self.min_examples:,}; watch routing entropy closely"
+            )
+            append_event(
+                Path(args.output_dir),
+                {
+                    "step": state.global_step,
+                    "action": "allow_small_dataset",
+                    "reason": message,
+                    "count": self.count,
+                    "min_examples": self.min_examples,
+                },
+            )
+            if self.echo is not None:
+                self.echo(f"WARNING: {message}")
+        return control

@@ -1,0 +1,406 @@
+"""RoutingMonitor: routing health at every logging step of any transformers Trainer (SFTTrainer too).
+
+At train begin it hooks every router (routing/capture.py) and routes a small fixed probe batch
+taken from the training data, the reference for drift. At each logging step (in `on_step_end`,
+after DefaultFlowCallback has set `control.should_log`) it
+
+1. all-reduces the flattened running sums across processes (one collective), so every rank
+   computes identical numbers and guards on every rank take the same decision;
+2. summarises them (metrics.py, one host sync) and, every `drift_steps`, re-routes the probe;
+3. resets the sums, calls the listeners (the EntropyGuard acts in the same step), and queues the
+   pooled `routing/*` values for the Trainer's next log.
+
+Why the values are queued rather than added in `on_log`: `Trainer.log` appends a copy of `logs`
+to `state.log_history` and the `report_to` integrations are callbacks that run before ours, so
+keys added inside `on_log` reach neither (DESIGN.md section 3). `attach(trainer, monitor)` wraps
+`trainer.log` so queued values join the same log entry as the loss. Passed bare as
+`callbacks=[RoutingMonitor()]` the monitor still patches the newest `state.log_history` entry and
+writes routing.jsonl, and warns once that the loggers cannot see the metrics.
+
+Only the main process writes `OUTPUT/routing.jsonl`: one JSON object per logging step with the
+step, learning rate, loss, pooled metrics, drift, and per layer entropy, load[E], prob[E], ...
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from moe_finetune.routing.capture import Drift, ProbeResult, RoutingCapture, compare_probes
+from moe_finetune.routing.metrics import RoutingMetrics, summarise
+
+ROUTING_FILE = "routing.jsonl"
+Listener = Callable[[int, RoutingMetrics, Any, Any], None]
+Echo = Callable[[str], None]
+
+# Set on the model while a monitor runs, so other callbacks (EntropyGuard) can find it.
+MONITOR_ATTRIBUTE = "_moe_finetune_monitor"
+_ATTACHED_MARK = "_moe_finetune_attached"
+
+_BARE_WARNING = (
+    "RoutingMonitor was passed to the Trainer directly: routing/* metrics reach trainer.state.log_history "
+    "and {path}, but the report_to loggers (TensorBoard, W&B, MLflow, ...) log before any user callback "
+    "and cannot see them. Use `moe_finetune.callbacks.attach(trainer, monitor)` instead of "
+    "`callbacks=[...]` to send them through the Trainer's own log."
+)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no nan/inf: a layer that routed nothing (or a broken router) becomes null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def _short_layer_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def take_probe_batch(dataloader: Any, size: int) -> dict[str, torch.Tensor] | None:
+    """The first `size` training rows, collated exactly as training batches are.
+
+    Read from the dataloader's dataset through its collate_fn rather than by iterating the loader:
+    iterating would draw from the samplers' random state and change the training data order.
+    """
+    if dataloader is None or size <= 0:
+        return None
+    dataset = getattr(dataloader, "dataset", None)
+    collate = getattr(dataloader, "collate_fn", None)
+    rows: list[Any] = []
+    if dataset is not None and collate is not None:
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+            rows = [dataset[i] for i in range(min(size, len(dataset)))]
+        else:  # an IterableDataset: the first rows of a fresh iterator
+            for row in dataset:
+                rows.append(row)
+                if len(rows) >= size:
+                    break
+    if not rows:
+        return None
+    batch = collate(rows)
+    if not isinstance(batch, Mapping):
+        return None
+    return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
+
+
+class RoutingMonitor(TrainerCallback):
+    """Logs routing health (`routing/*`) at every logging step and writes routing.jsonl.
+
+    Args:
+        output_dir: where routing.jsonl goes; None = the Trainer's `args.output_dir`.
+        capacity_factor: expert capacity (x uniform) at which `routing/drop_fraction` is counted.
+        probe_size: rows of the training data routed at the start and again for drift (0 = no drift).
+        drift_steps: re-route the probe at the first logging step at least this many steps after the
+            last measurement (and at the first logging step). A probe is one no-grad forward of
+            `probe_size` rows: every logging step would cost far more than the monitor itself.
+        dead_threshold: an expert is dead below this multiple of the uniform load share.
+        echo: where the end-of-training table is printed (main process only); None = silent.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path | None = None,
+        *,
+        capacity_factor: float = 1.25,
+        probe_size: int = 8,
+        drift_steps: int = 50,
+        dead_threshold: float = 0.1,
+        echo: Echo | None = None,
+    ) -> None:
+        if probe_size < 0 or drift_steps < 1:
+            raise ValueError(f"probe_size must be >= 0 and drift_steps >= 1, got {probe_size}, {drift_steps}")
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.capacity_factor = capacity_factor
+        self.probe_size = probe_size
+        self.drift_steps = drift_steps
+        self.dead_threshold = dead_threshold
+        self.echo = echo
+        self.capture: RoutingCapture | None = None
+        self.latest: RoutingMetrics | None = None
+        self.latest_step: int | None = None
+        self.latest_drift: Drift | None = None
+        self.history: list[dict[str, Any]] = []  # the routing.jsonl records, on every rank
+        self._listeners: list[Listener] = []
+        self._model: Any = None
+        self._probe_batch: dict[str, torch.Tensor] | None = None
+        self._probe_start: ProbeResult | None = None
+        self._probe_chunk: int | None = None  # the training batch size: a probe never outgrows a step
+        self._last_drift_step: int | None = None
+        self._pending_log: dict[str, float] = {}
+        self._pending_record: dict[str, Any] | None = None
+        self._is_main = True
+        self._warned_bare = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def routing_file(self) -> Path | None:
+        return None if self.output_dir is None else self.output_dir / ROUTING_FILE
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call `listener(step, metrics, state, control)` right after each logging step's metrics.
+
+        It runs inside `on_step_end`, before the Trainer logs, saves or evaluates, so it can change
+        `control` (stop, save) or the optimizer in the very step that showed the problem.
+        """
+        self._listeners.append(listener)
+
+    def pop_log(self) -> dict[str, float]:
+        """Metrics queued for the Trainer's next log (taken by `attach`'s wrapper of `trainer.log`)."""
+        pending, self._pending_log = self._pending_log, {}
+        return pending
+
+    def format_table(self, metrics: RoutingMetrics | None = None) -> str:
+        """A compact per-layer table of the latest (or given) metrics, for the end of a run."""
+        metrics = metrics if metrics is not None else self.latest
+        if metrics is None:
+            return "routing: no logging step was reached, so there are no routing metrics"
+        experts = len(metrics.load_share[0]) if metrics.load_share else 0
+        width = max([len("layer"), *(len(_short_layer_name(n)) for n in metrics.layer_names)])
+        drift = self.latest_drift
+        title = (
+            f"routing at step {self.latest_step}: entropy {metrics.entropy:.3f} (min {metrics.entropy_min:.3f}), "
+            f"load max {metrics.load_max:.2f}x uniform, aux {metrics.aux_loss:.3f}, "
+            f"drop {metrics.drop_fraction:.1%} at capacity {metrics.capacity_factor:g}"
+            + (f", drift {drift.topk_change:.1%}" if drift is not None else "")
+            + ("" if metrics.finite else "  [NON-FINITE router output]")
+        )
+        header = f"  {'layer':<{width}}  entropy  load max x{experts}  load cv  dead  drop"
+        rows = [title, header]
+        for i, name in enumerate(metrics.layer_names):
+            rows.append(
+                f"  {_short_layer_name(name):<{width}}  {metrics.layer_entropy[i]:7.3f}  "
+                f"{metrics.layer_load_max[i]:{len(f'load max x{experts}')}.2f}  {metrics.layer_load_cv[i]:7.3f}  "
+                f"{_fmt_count(metrics.layer_dead_experts[i]):>4}  {metrics.layer_drop_fraction[i]:5.1%}"
+            )
+        return "\n".join(rows)
+
+    # ------------------------------------------------------------------ Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is None:
+            raise ValueError("RoutingMonitor.on_train_begin needs the model (the Trainer passes it)")
+        self._release()
+        self._is_main = bool(state.is_world_process_zero)
+        if self.output_dir is None:
+            self.output_dir = Path(args.output_dir)
+        if self._is_main:
+            _drop_records_after(self.routing_file, int(state.global_step))
+        self._model = model
+        self.capture = RoutingCapture(model, capacity_factor=self.capacity_factor, train_only=True)
+        setattr(model, MONITOR_ATTRIBUTE, self)
+        self._probe_batch, self._probe_start, self._last_drift_step = None, None, None
+        if self.probe_size > 0:
+            try:
+                self._probe_batch = take_probe_batch(train_dataloader, self.probe_size)
+                self._probe_chunk = int(getattr(args, "per_device_train_batch_size", 0) or 0) or None
+                if self._probe_batch is not None:
+                    self._probe_start = self.capture.probe(self._probe_batch, self._probe_chunk)
+            except Exception as err:  # drift is optional: never fail a training run over the probe
+                warnings.warn(f"RoutingMonitor: no probe batch, routing/drift is off ({err})", stacklevel=2)
+                self._probe_batch, self._probe_start = None, None
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.capture is None or not _is_logging_step(args, state, control):
+            return control
+        self.collect(state, control, args=args, optimizer=kwargs.get("optimizer"))
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending_log:
+            # Not taken by attach()'s wrapper: the loggers have already run. Patch the history entry
+            # the Trainer has just appended (it carries this step) so log_history still has them.
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(self._pending_log)
+            self._pending_log = {}
+            if not self._warned_bare and self._is_main:
+                self._warned_bare = True
+                warnings.warn(_BARE_WARNING.format(path=self.routing_file), UserWarning, stacklevel=2)
+        if self._pending_record is not None and logs is not None:
+            self._pending_record["loss"] = logs.get("loss", self._pending_record.get("loss"))
+            if "learning_rate" in logs:
+                self._pending_record["lr"] = logs["learning_rate"]
+            self._write_record()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._pending_record is not None:
+            self._write_record()
+        if self.echo is not None and self._is_main and self.latest is not None:
+            self.echo(self.format_table())
+        self._release()
+        return control
+
+    # ------------------------------------------------------------------ the logging step
+
+    def collect(self, state: Any, control: Any, *, args: Any = None, optimizer: Any = None) -> None:
+        """Reduce, summarise and reset the sums of this logging window; notify the listeners."""
+        assert self.capture is not None
+        sums = self.capture.sums
+        if _world_size() > 1:
+            flat = sums.as_tensor()  # every sum in one float64 vector: one collective
+            torch.distributed.all_reduce(flat)
+            sums = sums.from_tensor(flat)
+        metrics = summarise(sums, capacity_factor=self.capacity_factor, dead_threshold=self.dead_threshold)
+        self.capture.reset()
+        step = int(state.global_step)
+        if metrics.tokens == 0:
+            return  # nothing routed in this window (no forward, or only evaluation): nothing to report
+        drift = self._measure_drift(step)
+        self.latest, self.latest_step = metrics, step
+        pooled = metrics.pooled()
+        if drift is not None:
+            pooled["routing/drift"] = drift.topk_change
+        self._pending_log = dict(pooled)
+        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None else None
+        self._pending_record = self._record(step, state, metrics, drift, lr)
+        for listener in list(self._listeners):
+            listener(step, metrics, state, control)
+
+    def _measure_drift(self, step: int) -> Drift | None:
+        if self._probe_start is None or self._probe_batch is None or self.capture is None:
+            return None
+        due = self._last_drift_step is None or step - self._last_drift_step >= self.drift_steps
+        if not due:
+            return None
+        self._last_drift_step = step
+        drift = compare_probes(self._probe_start, self.capture.probe(self._probe_batch, self._probe_chunk))
+        self.latest_drift = _mean_over_ranks(drift, self.capture.device)
+        return self.latest_drift
+
+    def _record(
+        self, step: int, state: Any, metrics: RoutingMetrics, drift: Drift | None, lr: float | None
+    ) -> dict[str, Any]:
+        pooled = {key.removeprefix("routing/"): value for key, value in metrics.pooled().items()}
+        return {
+            "step": step,
+            "epoch": state.epoch,
+            "lr": lr,
+            "loss": None,
+            **pooled,
+            "drift": None if drift is None else drift.topk_change,
+            "drift_load_js": None if drift is None else drift.load_js,
+            "tokens": metrics.tokens,
+            "finite": metrics.finite,
+            "capacity_factor": metrics.capacity_factor,
+            "num_experts": len(metrics.load_share[0]) if metrics.load_share else 0,
+            "layers": [
+                {
+                    **layer,
+                    "drift": None if drift is None else drift.layer_topk_change[i],
+                    "drift_load_js": None if drift is None else drift.layer_load_js[i],
+                }
+                for i, layer in enumerate(metrics.per_layer())
+            ],
+        }
+
+    def _write_record(self) -> None:
+        record, self._pending_record = _finite_or_none(self._pending_record), None
+        self.history.append(record)
+        path = self.routing_file
+        if self._is_main and path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _release(self) -> None:
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+        if self._model is not None and getattr(self._model, MONITOR_ATTRIBUTE, None) is self:
+            delattr(self._model, MONITOR_ATTRIBUTE)
+        self._model = None
+
+
+def _drop_records_after(path: Path | None, step: int) -> None:
+    """Keep routing.jsonl consistent with the run: a resumed run continues after its checkpoint's
+    step, so lines written past it (by the attempt that crashed) would repeat; a fresh run (step 0)
+    in a reused directory starts the file over."""
+    if path is None or not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _mean_over_ranks(drift: Drift, device: torch.device) -> Drift:
+    """Average a drift measurement over ranks: identical probes give identical numbers anyway, and
+    ranks fed different data (so different probe rows) still log and decide on the same values."""
+    world = _world_size()
+    if world == 1:
+        return drift
+    layers = len(drift.layer_topk_change)
+    values = [drift.topk_change, drift.load_js, *drift.layer_topk_change, *drift.layer_load_js]
+    flat = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(flat)
+    mean = (flat / world).cpu().tolist()
+    return Drift(mean[0], mean[1], mean[2 : 2 + layers], mean[2 + layers :])
+
+
+def _fmt_count(value: float) -> str:
+    return "-" if not math.isfinite(value) else str(int(value))
+
+
+def _is_logging_step(args: Any, state: Any, control: Any) -> bool:
+    """DefaultFlowCallback (first in the list) has set should_log; recompute it if we run earlier."""
+    if control.should_log:
+        return True
+    strategy = str(getattr(args, "logging_strategy", "steps"))
+    steps = getattr(state, "logging_steps", 0) or getattr(args, "logging_steps", 0)
+    if strategy.endswith("steps") and steps and state.global_step % steps == 0:
+        return True
+    return bool(getattr(args, "logging_first_step", False) and state.global_step == 1)
+
+
+def attach(trainer: Any, *callbacks: Any) -> Any:
+    """Register `callbacks` on `trainer` and send their metrics through the Trainer's own log.
+
+    Wraps `trainer.log` once: before each log, every registered callback with a `pop_log()` method
+    (RoutingMonitor, EntropyGuard, ...) hands over its queued metrics, which then land in the same
+    `state.log_history` entry as the loss and reach every `report_to` logger. Returns the trainer.
+    """
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    if not getattr(trainer.log, _ATTACHED_MARK, False):
+        original = trainer.log
+
+        @functools.wraps(original)
+        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
+            for callback in _callbacks_of(trainer):
+                pop = getattr(callback, "pop_log", None)
+                if callable(pop):
+                    logs.update(pop())
+            return original(logs, *args, **kwargs)
+
+        setattr(log, _ATTACHED_MARK, True)
+        trainer.log = log
+    return trainer
+
+
+def _callbacks_of(trainer: Any) -> Iterable[Any]:
+    handler = getattr(trainer, "callback_handler", None)
+    return list(getattr(handler, "callbacks", []))

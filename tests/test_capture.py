@@ -1,0 +1,268 @@
+"""capture_routing: what the router hooks count, what they leave out, and that they clean up."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from moe_finetune.errors import UnknownFamilyError
+from moe_finetune.routing import RoutingCapture, capture_routing, compare_probes
+from moe_finetune.routing.metrics import RoutingSums, overflow_assignments
+
+# overflow is per forward (capacity is a per-batch budget), so it is compared separately
+SUM_FIELDS = ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum")
+
+
+def load(path: Path):
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    model.config.use_cache = False
+    return model.eval()
+
+
+@pytest.fixture
+def mixtral(tiny_mixtral_dir: Path):
+    return load(tiny_mixtral_dir)
+
+
+def ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 1000, (batch, length), generator=generator)
+
+
+def run_sums(model, **inputs) -> RoutingSums:
+    with capture_routing(model) as cap, torch.no_grad():
+        model(**inputs)
+    return cap.sums
+
+
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def assert_sums_close(actual: RoutingSums, expected: RoutingSums, atol: float = 1e-4) -> None:
+    for name in SUM_FIELDS:
+        torch.testing.assert_close(
+            getattr(actual, name), getattr(expected, name), atol=atol, rtol=1e-5, msg=name
+        )
+
+
+def test_hooks_are_removed_when_the_block_exits(mixtral):
+    before = hook_count(mixtral)
+    with capture_routing(mixtral) as cap:
+        assert hook_count(mixtral) > before
+        mixtral(input_ids=ids(1, 6))
+    assert hook_count(mixtral) == before
+    tokens = cap.sums.tokens.clone()
+    mixtral(input_ids=ids(1, 6))  # a forward after exit changes nothing
+    assert torch.equal(cap.sums.tokens, tokens)
+
+
+def test_hooks_are_removed_when_the_block_raises(mixtral):
+    before = hook_count(mixtral)
+    with pytest.raises(RuntimeError, match="boom"), capture_routing(mixtral):
+        raise RuntimeError("boom")
+    assert hook_count(mixtral) == before
+
+
+def test_every_token_is_counted_once_per_layer_with_k_assignments(mixtral):
+    sums = run_sums(mixtral, input_ids=ids(2, 7))
+    assert sums.tokens.tolist() == [14.0, 14.0]
+    assert sums.assign_counts.sum(-1).tolist() == [28.0, 28.0]  # top-2
+    torch.testing.assert_close(sums.prob_sum.sum(-1), sums.tokens)  # each probability row sums to 1
+
+
+def test_stats_match_transformers_aux_loss_on_a_padded_batch(mixtral):
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        out = mixtral(input_ids=ids(2, 9), attention_mask=mask, output_router_logits=True)
+    expected = load_balancing_loss_func(out.router_logits, 8, 2, mask).item()
+    stats = cap.stats()
+    assert stats.aux_loss == pytest.approx(expected, rel=1e-5)
+    assert stats.tokens == 14
+
+
+def test_left_padding_and_packed_sequences_count_only_real_tokens(mixtral):
+    a, b = ids(1, 6, seed=1), ids(1, 4, seed=2)
+    separate = run_sums(mixtral, input_ids=a) + run_sums(mixtral, input_ids=b)
+
+    left = torch.cat([a, torch.cat([torch.zeros(1, 2, dtype=torch.long), b], dim=1)])
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = run_sums(mixtral, input_ids=left, attention_mask=mask, position_ids=positions)
+    assert_sums_close(padded, separate)
+    torch.testing.assert_close(padded.overflow, overflow_assignments(padded.assign_counts, 2))
+
+    # packed: one row, positions restarting, no mask (use_cache=False keeps the sequences apart)
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    assert_sums_close(run_sums(mixtral, input_ids=packed, position_ids=positions), separate)
+
+
+def test_cached_decoding_counts_only_the_new_tokens(tiny_mixtral_dir):
+    model = load(tiny_mixtral_dir)
+    prompt = ids(1, 5)
+    with torch.no_grad():
+        past = model(input_ids=prompt, use_cache=True).past_key_values
+        with capture_routing(model) as cap:
+            model(
+                input_ids=ids(1, 2, seed=3),
+                attention_mask=torch.ones(1, 7, dtype=torch.long),
+                past_key_values=past,
+                use_cache=True,
+            )
+    assert cap.sums.tokens.tolist() == [2.0, 2.0]
+
+
+def test_hooks_add_no_host_sync_to_a_forward(mixtral, monkeypatch):
+    """The hooks queue tensor work only: no .item()/.tolist()/.cpu()/bool() of a tensor per forward."""
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 6:] = 0
+    batch = {"input_ids": ids(2, 8), "attention_mask": mask}
+    calls: list[str] = []
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    with torch.no_grad():
+        mixtral(**batch)
+        bare = len(calls)
+        calls.clear()
+        with capture_routing(mixtral):
+            mixtral(**batch)
+    assert len(calls) == bare, f"the capture added host syncs: {calls}"
+
+
+def test_train_and_eval_forwards_are_both_counted_unless_train_only(mixtral):
+    batch = {"input_ids": ids(1, 5)}
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        mixtral.train()
+        mixtral(**batch)
+        mixtral.eval()
+        mixtral(**batch)
+    assert cap.sums.tokens.tolist() == [10.0, 10.0]
+    with capture_routing(mixtral, train_only=True) as cap, torch.no_grad():
+        mixtral(**batch)  # eval mode: ignored
+    assert cap.sums.tokens.tolist() == [0.0, 0.0]
+
+
+def test_overflow_is_counted_per_forward_at_the_capacity_factor(mixtral):
+    first, second = ids(1, 8, seed=4), ids(1, 8, seed=5)
+    with capture_routing(mixtral, capacity_factor=1.0) as cap, torch.no_grad():
+        mixtral(input_ids=first)
+        counts_first = cap.sums.assign_counts.clone()
+        mixtral(input_ids=second)
+    counts_second = cap.sums.assign_counts - counts_first
+    expected = overflow_assignments(counts_first, 2, 1.0) + overflow_assignments(counts_second, 2, 1.0)
+    torch.testing.assert_close(cap.sums.overflow, expected)
+    assert cap.stats().capacity_factor == 1.0
+
+
+def test_reset_starts_a_new_window_and_stats_are_python_numbers(mixtral):
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        mixtral(input_ids=ids(1, 5))
+        cap.reset()
+        mixtral(input_ids=ids(1, 3))
+        stats = cap.stats()
+    assert stats.tokens == 3
+    assert isinstance(stats.entropy, float) and 0.0 < stats.entropy <= 1.0
+    assert stats.layer_names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+
+
+def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
+    mixtral.train()
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    batch = {"input_ids": ids(2, 6), "attention_mask": mask, "labels": ids(2, 6)}
+    with capture_routing(mixtral) as cap:
+        first = cap.probe(batch)
+        second = cap.probe(batch)
+        assert cap.sums.tokens.sum().item() == 0
+    assert mixtral.training and all(m.training for m in mixtral.modules())
+    assert first.topk.shape == (2, 12, 2)  # (layers, B*T rows, k)
+    assert first.valid is not None and first.valid.sum().item() == 10
+    assert first.counts.sum(-1).tolist() == [20.0, 20.0]  # padding rows excluded from the load
+    drift = compare_probes(first, second)
+    assert drift.topk_change == 0.0 and drift.load_js == 0.0
+    with capture_routing(mixtral) as cap:
+        chunked = cap.probe(batch, chunk_rows=1)  # one sequence per forward: same answer, less memory
+    assert torch.equal(chunked.topk, first.topk) and torch.equal(chunked.counts, first.counts)
+    assert torch.equal(chunked.valid, first.valid)
+
+
+def test_probe_sees_a_changed_router(mixtral):
+    batch = {"input_ids": ids(2, 8)}
+    with capture_routing(mixtral) as cap:
+        start = cap.probe(batch)
+        with torch.no_grad():
+            mixtral.model.layers[1].mlp.gate.weight.mul_(-1.0)
+        drift = compare_probes(start, cap.probe(batch))
+    assert drift.layer_topk_change[0] == 0.0
+    assert drift.layer_topk_change[1] > 0.5 and drift.topk_change == pytest.approx(
+        drift.layer_topk_change[1] / 2
+    )
+    assert drift.layer_load_js[1] > 0.0
+
+
+def test_non_finite_router_output_is_reported_not_raised(mixtral):
+    with torch.no_grad():
+        mixtral.model.layers[0].mlp.gate.weight[0, 0] = float("nan")
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        mixtral(input_ids=ids(1, 4))
+    stats = cap.stats()
+    assert stats.finite is False
+    assert stats.tokens == 4
+
+
+def test_a_model_outside_the_family_table_is_refused_by_class_name():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+    with pytest.raises(UnknownFamilyError, match="LlamaForCausalLM"):
+        RoutingCapture(LlamaForCausalLM(config))
+
+
+def test_a_family_model_without_routers_is_refused_by_class_name():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        mlp_only_layers=[0, 1],
+    )
+    with pytest.raises(UnknownFamilyError, match="Qwen2MoeForCausalLM.*no router"):
+        capture_routing(Qwen2MoeForCausalLM(config)).__enter__()
+
+
+def test_a_trainable_router_copy_shares_its_layer_slot(tiny_mixtral_dir):
+    from moe_finetune.models.families import get_family
+    from moe_finetune.models.lora import apply_lora
+    from moe_finetune.recipe import LoraSection
+
+    batch = {"input_ids": ids(2, 6)}
+    bare = run_sums(load(tiny_mixtral_dir), **batch)
+    wrapped, _ = apply_lora(load(tiny_mixtral_dir), LoraSection(router=True), get_family("mixtral"))
+    with capture_routing(wrapped.eval()) as cap, torch.no_grad():
+        wrapped(**batch)
+    assert cap.layer_names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert_sums_close(cap.sums, bare)
