@@ -94,6 +94,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from moe_finetune.callbacks import EntropyGuard
+    from moe_finetune.smoke import run_smoke
+
+    result = run_smoke(args.family, steps=args.steps, echo=print, extra_callbacks=[EntropyGuard(echo=print)])
+    print(f"smoke {args.family}: {'ok' if result.ok else 'FAILED'}")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-finetune",
@@ -129,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
     validate.add_argument("--skip-data", action="store_true", help="do not read and count the dataset")
     validate.set_defaults(func=cmd_validate)
+
+    smoke = sub.add_parser(
+        "smoke", help="build a tiny random model of a family, run a few guarded steps, print its routing"
+    )
+    smoke.add_argument(
+        "--family",
+        default="mixtral",
+        help="mixtral, qwen2-moe, qwen3-moe, olmoe, deepseek-v2, deepseek-v3, gpt-oss (default: mixtral)",
+    )
+    smoke.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
+    smoke.set_defaults(func=cmd_smoke)
 
     inspect = sub.add_parser(
         "inspect", help="parameters (total, experts, active per token), memory estimates, LoRA size"

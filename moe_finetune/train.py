@@ -114,6 +114,12 @@ def sft_config(recipe: Recipe, output_dir: Path, **extra: Any) -> Any:
         import torch
 
         args["bf16"] = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if "use_cpu" not in recipe.training:
+        import torch
+
+        # Without it, a CPU-only run under accelerate/torchrun makes every process its own rank 0:
+        # no DDP, each rank training on all the data and writing every file.
+        args["use_cpu"] = not torch.cuda.is_available()
     if "dataloader_pin_memory" not in recipe.training:
         import torch
 
@@ -132,7 +138,11 @@ def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo) -> list[Any]:
     callbacks: list[Any] = []
     monitor = None
     if recipe.guards.monitor or recipe.guards.enabled:
-        monitor = RoutingMonitor(capacity_factor=recipe.guards.capacity_factor, output_dir=output_dir)
+        monitor = RoutingMonitor(
+            output_dir,
+            capacity_factor=recipe.guards.capacity_factor,
+            dead_threshold=recipe.guards.dead_threshold,
+        )
         callbacks.append(monitor)
     if recipe.guards.enabled:
         callbacks.append(EntropyGuard(recipe.guards, monitor=monitor, output_dir=output_dir, echo=echo))
@@ -255,9 +265,15 @@ def save_adapter(trainer: Any, tokenizer: Any, adapter_dir: Path) -> None:
 
 
 def _last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    """The newest complete checkpoint (a save cut short by a crash has no trainer_state.json)."""
+    if not output_dir.is_dir():
+        return None
+    steps = [
+        int(path.name.removeprefix("checkpoint-"))
+        for path in output_dir.glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return str(output_dir / f"checkpoint-{max(steps)}") if steps else None
 
 
 def run(
@@ -281,11 +297,12 @@ def run(
     resume_from: str | None = None
     if resume:
         resume_from = resume if isinstance(resume, str) else _last_checkpoint(output_dir)
-        if resume_from is None or not Path(resume_from).is_dir():
+        if resume_from is None:
+            raise OutputDirError(f"--resume: no complete checkpoint to resume from in {output_dir}")
+        if not (Path(resume_from) / "trainer_state.json").is_file():
             raise OutputDirError(
-                f"--resume: no checkpoint to resume from in {output_dir}"
-                if not isinstance(resume, str)
-                else f"--resume: checkpoint {resume} does not exist"
+                f"--resume: {resume_from} is not a complete Trainer checkpoint (no trainer_state.json); "
+                f"checkpoints in {output_dir}: {', '.join(sorted(p.name for p in output_dir.glob('checkpoint-*'))) or 'none'}"
             )
     for warning in recipe_warnings(recipe):
         echo(f"warning: {warning}")
@@ -311,7 +328,10 @@ def run(
     from transformers import set_seed
 
     set_seed(args.seed)
-    model, tokenizer, spec = load_model_and_tokenizer(recipe)
+    # Under several processes the main one builds (or downloads) the model first; the others then
+    # read the finished copy instead of racing it.
+    with args.main_process_first(desc="loading the model"):
+        model, tokenizer, spec = load_model_and_tokenizer(recipe)
     model, cov = apply_lora(model, recipe.lora, spec)
 
     created = not output_dir.exists() or (overwrite and not resume)
@@ -348,6 +368,13 @@ def run(
             eval_dataset=data.eval,
             processing_class=tokenizer,
         )
+        from moe_finetune.aux_check import check_aux_loss
+
+        aux = check_aux_loss(trainer.model, args)
+        for line in aux.lines:
+            echo(line)
+        if aux.problems:
+            raise RecipeError("aux loss set-up: " + " ".join(aux.problems))
     except BaseException:
         # Nothing was trained yet: leave no half-written run directory behind.
         if created and _last_checkpoint(output_dir) is None:

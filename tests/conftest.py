@@ -25,6 +25,24 @@ def _private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["MOE_FINETUNE_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine extra threads
+    make every step several times slower and erratic. Subprocesses inherit it through the env."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(previous)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(_private_model_cache: Path) -> Path:
     from moe_finetune.models.tiny import build_tiny
@@ -56,7 +74,7 @@ def recipe_factory(tmp_path: Path, small_jsonl: Path):
             f"data:\n  path: {data_path or small_jsonl}\n  min_examples: 10\n"
             f"output_dir: {tmp_path / 'run'}\n"
             "training:\n  max_steps: 4\n  per_device_train_batch_size: 4\n  logging_steps: 2\n"
-            "  max_length: 64\n  save_steps: 2\n  learning_rate: 1.0e-3\n"
+            "  max_length: 64\n  save_steps: 2\n  learning_rate: 1.0e-4\n"
         ) + extra
         return write_recipe(tmp_path / name, text)
 

@@ -184,32 +184,65 @@ def test_hard_halts_still_apply_during_cooldown():
     assert kinds(actions[3:]) == ["cut_lr", "halt"]
 
 
+def _after_uniform_baseline(config: GuardConfig | None = None) -> GuardPolicy:
+    policy = GuardPolicy(config or GuardConfig())
+    for step in (1, 2, 3):
+        assert policy.update(snap(step, 0.8), LR0).kind == "none"
+    return policy
+
+
 def test_expert_over_three_times_uniform_load_halts_naming_layer_and_expert():
     hot = [0.6 / 7] * EXPERTS
     hot[5] = 0.4  # 3.2x uniform (1/8)
-    policy = GuardPolicy(GuardConfig())
-    # an absolute threshold: judged from the very first step, baseline or not
-    action = policy.update(snap(1, 0.8, load=[list(UNIFORM), hot]), LR0)
+    policy = _after_uniform_baseline()
+    action = policy.update(snap(4, 0.8, load=[list(UNIFORM), hot]), LR0)
     assert action.kind == "halt"
-    assert "expert 5 in layer 1 receives 40% of top-k assignments, 3.2x uniform (limit 3x)" in action.reason
+    assert "expert 5 in layer 1 receives 40% of top-k assignments, 3.2x uniform (limit 3x" in action.reason
     assert action.details["experts"][0]["expert"] == 5
+
+
+def test_load_is_not_judged_before_the_baseline_exists():
+    hot = [0.6 / 7] * EXPERTS
+    hot[5] = 0.4
+    policy = GuardPolicy(GuardConfig())
+    assert policy.update(snap(1, 0.8, load=[list(UNIFORM), hot]), LR0).kind == "none"
+
+
+def test_routing_already_concentrated_at_the_baseline_is_specialisation_not_collapse():
+    narrow = [0.6 / 7] * EXPERTS
+    narrow[2] = 0.4  # one expert favoured from the start (narrow-domain data): 3.2x uniform
+    policy = GuardPolicy(GuardConfig())
+    for step in (1, 2, 3):
+        policy.update(snap(step, 0.8, load=[list(UNIFORM), narrow]), LR0)
+    assert policy.update(snap(4, 0.8, load=[list(UNIFORM), narrow]), LR0).kind == "none"
+    worse = [0.35 / 7] * EXPERTS
+    worse[2] = 0.65  # 1.6x its baseline share: beyond the 1.5x headroom
+    action = policy.update(snap(5, 0.8, load=[list(UNIFORM), worse]), LR0)
+    assert action.kind == "halt" and "expert 2 in layer 1" in action.reason
 
 
 def test_expert_just_under_the_load_limit_does_not_halt():
     warm = [0.63 / 7] * EXPERTS
     warm[0] = 0.37  # 2.96x uniform
-    policy = GuardPolicy(GuardConfig())
-    assert policy.update(snap(1, 0.8, load=[list(UNIFORM), warm]), LR0).kind == "none"
+    policy = _after_uniform_baseline()
+    assert policy.update(snap(4, 0.8, load=[list(UNIFORM), warm]), LR0).kind == "none"
 
 
 def test_a_quarter_of_a_layers_experts_dead_for_three_consecutive_checks_halts():
-    policy = GuardPolicy(GuardConfig())
+    policy = _after_uniform_baseline()
     load = [list(UNIFORM), with_dead_experts(2)]  # 2 of 8 = 25% dead in layer 1
-    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in (1, 2, 3)]
+    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in (4, 5, 6)]
     assert kinds(actions) == ["none", "none", "halt"]
-    assert "layer 1 has had 2 of 8 experts dead" in actions[-1].reason
+    assert "layer 1 has had 2 of 8 experts (alive at the baseline) dead" in actions[-1].reason
     assert "for 3 consecutive checks" in actions[-1].reason
     assert actions[-1].details["layers"][0]["dead_experts"] == [0, 1]
+
+
+def test_experts_already_unused_at_the_baseline_are_not_counted_as_dying():
+    policy = GuardPolicy(GuardConfig())
+    load = [list(UNIFORM), with_dead_experts(2)]
+    actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in range(1, 10)]
+    assert set(kinds(actions)) == {"none"}
 
 
 def test_dead_experts_that_recover_before_the_third_check_do_not_halt():

@@ -195,6 +195,9 @@ class EntropyGuard(TrainerCallback, ExportableState):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if state.global_step > 0 and saved:
             self._restore(saved[0] if isinstance(saved, list) else saved, args, state)
+        if state.stateful_callbacks is not None and type(self).__name__ not in state.stateful_callbacks:
+            # A checkpoint from a run without the guard: transformers' _save_checkpoint expects the key.
+            state.stateful_callbacks[type(self).__name__] = self.state()
         if self.initial_lr is None:
             self.initial_lr = (
                 peak_learning_rate(optimizer, lr_scheduler)

@@ -107,6 +107,9 @@ class RoutingMonitor(TrainerCallback):
             `probe_size` rows: every logging step would cost far more than the monitor itself.
         dead_threshold: an expert is dead below this multiple of the uniform load share.
         echo: where the end-of-training table is printed (main process only); None = silent.
+
+    A resumed run takes its probe when it resumes, so its drift is measured from the checkpoint, and
+    routing.jsonl lines past the checkpoint's step (from the attempt that stopped) are dropped.
     """
 
     def __init__(

@@ -109,6 +109,13 @@ class GuardConfig(BaseModel):
         description="Halt when any expert's load share (fraction of top-k assignments) exceeds this multiple "
         "of uniform (1/E).",
     )
+    load_baseline_factor: float = Field(
+        1.5,
+        ge=1,
+        description="The load limit of a layer is the larger of max_load_ratio x uniform and this factor x the "
+        "layer's largest expert share at the baseline: routing that was already concentrated at the start "
+        "(narrow-domain data) is specialisation, not collapse.",
+    )
     dead_threshold: float = Field(
         0.1,
         gt=0,
@@ -204,6 +211,10 @@ class GuardPolicy:
         self.baseline: float | None = None
         self.layer_baseline: list[float] | None = None
         self.baseline_samples: list[tuple[float, list[float]]] = []
+        # Per layer: the largest expert load share at the baseline, and which experts were alive then.
+        self.load_baseline: list[float] | None = None
+        self.alive_baseline: list[list[bool]] | None = None
+        self.load_samples: list[list[list[float]]] = []
         self.cuts_made = 0
         self.cooldown_left = 0
         self._multiplier = 1.0
@@ -216,7 +227,9 @@ class GuardPolicy:
         """Product of all cut factors returned so far; the adapter scales the scheduler's LR by it."""
         return self._multiplier
 
-    def set_baseline(self, entropy: float, layer_entropy: list[float]) -> None:
+    def set_baseline(
+        self, entropy: float, layer_entropy: list[float], load_share: list[list[float]] | None = None
+    ) -> None:
         """Set the baseline directly, e.g. from a probe batch measured before the first step."""
         values = [entropy, *layer_entropy]
         if not all(math.isfinite(v) for v in values):
@@ -226,6 +239,21 @@ class GuardPolicy:
         self.baseline = float(entropy)
         self.layer_baseline = [float(v) for v in layer_entropy]
         self.baseline_samples = []
+        self._set_load_baseline([load_share] if load_share else [])
+
+    def _set_load_baseline(self, samples: list[list[list[float]]]) -> None:
+        """Average the baseline windows' load shares: per layer the largest share and the live experts."""
+        if not samples or not samples[0]:
+            self.load_baseline, self.alive_baseline = None, None
+            return
+        layers, experts = len(samples[0]), len(samples[0][0])
+        mean = [
+            [sum(s[layer][e] for s in samples) / len(samples) for e in range(experts)]
+            for layer in range(layers)
+        ]
+        self.load_baseline = [max(row) for row in mean]
+        threshold = self.config.dead_threshold / experts
+        self.alive_baseline = [[share >= threshold for share in row] for row in mean]
 
     def update(self, snapshot: RoutingSnapshot, current_lr: float) -> GuardAction:
         """Judge one logging step. `current_lr` is the learning rate a cut would scale."""
@@ -265,8 +293,7 @@ class GuardPolicy:
                 details={"check": "non_finite_skipped", "fields": bad_fields},
             )
 
-        # 2. Absolute thresholds, judged from the first step on (no baseline needed).
-        dead_layers = self._update_dead_streaks(snapshot)  # streaks count every check, so before any return
+        # 2. The absolute floor, judged from the first step on (no baseline needed).
         if cfg.entropy_floor is not None and snapshot.entropy < cfg.entropy_floor:
             return GuardAction(
                 "halt",
@@ -274,17 +301,20 @@ class GuardPolicy:
                 step=step,
                 details={"check": "entropy_floor", "entropy": snapshot.entropy, "floor": cfg.entropy_floor},
             )
+
+        # 3. Baseline: average the first baseline_steps snapshots; judge nothing relative before that.
+        #    Load and dead experts are judged against it too: on narrow-domain data a healthy router
+        #    already favours a few experts, and only a change from that is collapse.
+        if self.baseline is None or self.layer_baseline is None:
+            return self._collect_baseline(snapshot)
+
+        # 4. Expert load over its limit; experts alive at the baseline dead for dead_patience checks.
+        dead_layers = self._update_dead_streaks(snapshot)  # streaks count every check, so before any return
         overloaded = self._overloaded_experts(snapshot)
         if overloaded:
             return self._halt_on_load(snapshot, overloaded)
-
-        # 3. Patience: dead experts must stay dead for dead_patience consecutive checks.
         if dead_layers:
             return self._halt_on_dead_experts(snapshot, dead_layers)
-
-        # 4. Baseline: average the first baseline_steps snapshots; judge no drop against a partial one.
-        if self.baseline is None or self.layer_baseline is None:
-            return self._collect_baseline(snapshot)
 
         # 5. Relative thresholds: drops deep enough to halt at once.
         halt_phrase, halt_details = self._drop_condition(
@@ -331,6 +361,9 @@ class GuardPolicy:
             "dead_streaks": list(self.dead_streaks),
             "last_step": self.last_step,
             "last_cut_step": self.last_cut_step,
+            "load_baseline": None if self.load_baseline is None else list(self.load_baseline),
+            "alive_baseline": None if self.alive_baseline is None else [list(r) for r in self.alive_baseline],
+            "load_samples": [[list(r) for r in sample] for sample in self.load_samples],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -347,6 +380,11 @@ class GuardPolicy:
         self.dead_streaks = [int(n) for n in state["dead_streaks"]]
         self.last_step = state["last_step"]
         self.last_cut_step = state["last_cut_step"]
+        self.load_baseline = None if state["load_baseline"] is None else list(state["load_baseline"])
+        self.alive_baseline = (
+            None if state["alive_baseline"] is None else [list(r) for r in state["alive_baseline"]]
+        )
+        self.load_samples = [[list(r) for r in sample] for sample in state["load_samples"]]
 
     # ------------------------------------------------------------------ the individual checks
 
@@ -357,6 +395,7 @@ class GuardPolicy:
                 f"baseline samples have {len(self.baseline_samples[0][1])}"
             )
         self.baseline_samples.append((float(snapshot.entropy), [float(v) for v in snapshot.layer_entropy]))
+        self.load_samples.append([[float(v) for v in row] for row in snapshot.load_share])
         needed = self.config.baseline_steps
         if len(self.baseline_samples) < needed:
             return GuardAction(
@@ -370,6 +409,8 @@ class GuardPolicy:
         self.baseline = sum(pooled) / len(pooled)
         self.layer_baseline = [sum(values) / len(values) for values in per_layer]
         self.baseline_samples = []
+        self._set_load_baseline(self.load_samples)
+        self.load_samples = []
         return GuardAction(
             "none",
             f"routing-entropy baseline set from {needed} logging steps: pooled {self.baseline:.2f}",
@@ -434,10 +475,18 @@ class GuardPolicy:
             if not shares:
                 continue
             limit = self.config.max_load_ratio / len(shares)
+            if self.load_baseline is not None:
+                limit = max(limit, self.config.load_baseline_factor * self.load_baseline[layer])
             for expert, share in enumerate(shares):
                 if share > limit:
                     over.append(
-                        {"layer": layer, "expert": expert, "share": share, "ratio": share * len(shares)}
+                        {
+                            "layer": layer,
+                            "expert": expert,
+                            "share": share,
+                            "ratio": share * len(shares),
+                            "limit_ratio": limit * len(shares),
+                        }
                     )
         return over
 
@@ -447,7 +496,9 @@ class GuardPolicy:
         more = f" ({len(overloaded) - 1} more expert(s) over the limit)" if len(overloaded) > 1 else ""
         reason = (
             f"expert {worst['expert']} in {name} receives {worst['share']:.0%} of top-k assignments, "
-            f"{worst['ratio']:.1f}x uniform (limit {self.config.max_load_ratio:g}x){more}"
+            f"{worst['ratio']:.1f}x uniform (limit {worst['limit_ratio']:.2g}x: the larger of "
+            f"{self.config.max_load_ratio:g}x and {self.config.load_baseline_factor:g}x the layer's largest share at "
+            f"the baseline){more}"
         )
         for entry in overloaded:
             entry["name"] = _layer_label(snapshot, entry["layer"])
@@ -468,7 +519,10 @@ class GuardPolicy:
             if not shares:
                 self.dead_streaks[layer] = 0
                 continue
-            dead = [e for e, share in enumerate(shares) if share < cfg.dead_threshold / len(shares)]
+            alive = self.alive_baseline[layer] if self.alive_baseline is not None else [True] * len(shares)
+            dead = [
+                e for e, share in enumerate(shares) if alive[e] and share < cfg.dead_threshold / len(shares)
+            ]
             if dead and len(dead) / len(shares) >= cfg.dead_fraction - _SLACK:
                 self.dead_streaks[layer] += 1
             else:
@@ -492,7 +546,8 @@ class GuardPolicy:
         worst = max(dead_layers, key=lambda d: len(d["dead_experts"]) / d["experts"])
         more = f" ({len(dead_layers) - 1} more layer(s) likewise)" if len(dead_layers) > 1 else ""
         reason = (
-            f"{worst['name']} has had {len(worst['dead_experts'])} of {worst['experts']} experts dead "
+            f"{worst['name']} has had {len(worst['dead_experts'])} of {worst['experts']} experts (alive at the "
+            "baseline) dead "
             f"(load share below {cfg.dead_threshold:g}x uniform) for {worst['streak']} consecutive checks "
             f"(limit {cfg.dead_fraction:.0%} of a layer's experts for {cfg.dead_patience} checks){more}"
         )

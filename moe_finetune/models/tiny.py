@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # Bumped whenever what `build_tiny` writes changes, so stale caches are not reused.
-_CACHE_VERSION = "2"
+_CACHE_VERSION = "3"
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_DATA = REPO_ROOT / "data" / "instructions.jsonl.gz"
@@ -151,7 +151,15 @@ def build_tiny(
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        model.save_pretrained(staging)
+        # Not model.save_pretrained: under torch.distributed it writes only on global rank 0, and the
+        # process building this private copy may be any rank. The result is the same directory.
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
         try:
             staging.rename(target)

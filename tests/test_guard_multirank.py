@@ -1,0 +1,96 @@
+"""Two processes: every rank takes the same guard decision at the same step, and both stop.
+
+Launched with `accelerate launch --multi_gpu --num_processes 2`, which on a CPU-only machine
+starts two gloo ranks running DDP (`--cpu` would start only one process; DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    import moe_finetune.train as train
+    from moe_finetune.errors import TrainingHalted
+    from moe_finetune.recipe import load_recipe
+
+    recipe_path, out_dir = sys.argv[1], sys.argv[2]
+    made = []
+    original = train.make_callbacks
+
+    def recording(*args, **kwargs):
+        made.extend(original(*args, **kwargs))
+        return made
+
+    train.make_callbacks = recording
+    recipe = load_recipe(recipe_path, [f"output_dir={out_dir}/run"])
+    halted = None
+    try:
+        train.run(recipe, echo=lambda line: None)
+    except TrainingHalted as err:
+        halted = str(err)
+    guard = next(c for c in made if type(c).__name__ == "EntropyGuard")
+    rank = int(os.environ["RANK"])
+    events = [{k: e[k] for k in ("step", "action", "lr_before", "lr_after")} for e in guard.events]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump({"events": events, "halted": halted, "world": int(os.environ["WORLD_SIZE"])}, handle)
+    """
+)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_both_ranks_cut_at_the_same_steps_and_halt_together(tmp_path: Path) -> None:
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert launcher, "accelerate's launcher is part of the install"
+    script = tmp_path / "ranks.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        launcher,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(script),
+        str(REPO / "recipes" / "demo-collapse.yaml"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["events"] == ranks[1]["events"]
+    actions = [e["action"] for e in ranks[0]["events"]]
+    assert "cut_lr" in actions and actions[-1] == "halt"
+    assert ranks[0]["halted"] and ranks[1]["halted"]
+    # Only rank 0 writes the run's files: one line per action, not one per rank.
+    written = (tmp_path / "run" / "guard_events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in written] == [e["step"] for e in ranks[0]["events"]]
