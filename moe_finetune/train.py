@@ -319,11 +319,10 @@ def run(
     # The training arguments first: creating them sets up the process group, which FSDP's and
     # ZeRO-3's sharded loading need before the model is read. Then seed: LoRA's A matrices are
     # drawn in get_peft_model, before the Trainer would seed anything, and a run must be repeatable.
-    evaluate = (
-        {}
-        if recipe.data.eval_fraction == 0 or "eval_strategy" in recipe.training
-        else {"eval_strategy": "steps"}
-    )
+    evaluate: dict[str, Any] = {}
+    if recipe.data.eval_fraction > 0 and "eval_strategy" not in recipe.training:
+        # Held-out rows are evaluated at each checkpoint (not at every logging step: that is slow).
+        evaluate = {"eval_strategy": "steps", "eval_steps": recipe.training_args().get("save_steps", 500)}
     args = sft_config(recipe, output_dir, **evaluate)
     from transformers import set_seed
 
