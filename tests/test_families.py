@@ -19,16 +19,6 @@ ALL = sorted(FAMILIES)
 SUM_FIELDS = ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP workers spin
-    against other processes: one thread made these tests ~8x faster under load. (Belongs in conftest.)"""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def family_dirs() -> dict[str, Path]:
     from moe_finetune.models.tiny import build_tiny

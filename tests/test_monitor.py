@@ -29,16 +29,6 @@ ROUTING_KEYS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from more threads, and on a shared 2-core machine OpenMP workers spin
-    against other processes: one thread made these tests ~8x faster under load. (Belongs in conftest.)"""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def dataset(rows: int = 64, offset: int = 0):
     import datasets
 

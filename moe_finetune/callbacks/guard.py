@@ -25,6 +25,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from moe_finetune.callbacks.monitor import json_safe
 from moe_finetune.callbacks.policy import GuardAction, GuardConfig, GuardPolicy, RoutingSnapshot
 
 ACTION_CODES = {"none": 0, "cut_lr": 1, "halt": 2}
@@ -77,21 +78,11 @@ def snapshot_from_metrics(step: int, metrics: Any) -> RoutingSnapshot:
     )
 
 
-def _finite_or_none(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    return value
-
-
 def append_event(output_dir: Path, event: dict[str, Any]) -> None:
     """One JSON object per line; non-finite numbers become null so every line is valid JSON."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / EVENTS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(_finite_or_none(event)) + "\n")
+        handle.write(json.dumps(json_safe(event)) + "\n")
 
 
 class EntropyGuard(TrainerCallback, ExportableState):

@@ -53,14 +53,14 @@ _BARE_WARNING = (
 )
 
 
-def _finite_or_none(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no nan/inf: a layer that routed nothing (or a broken router) becomes null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     return value
 
 
@@ -311,7 +311,7 @@ class RoutingMonitor(TrainerCallback):
         }
 
     def _write_record(self) -> None:
-        record, self._pending_record = _finite_or_none(self._pending_record), None
+        record, self._pending_record = json_safe(self._pending_record), None
         self.history.append(record)
         path = self.routing_file
         if self._is_main and path is not None:
