@@ -128,6 +128,7 @@ def run_smoke(
             report_to="none",
             save_strategy="no",
             bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+            dataloader_pin_memory=torch.cuda.is_available(),
             disable_tqdm=True,
             seed=0,
         )
