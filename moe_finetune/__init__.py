@@ -20,6 +20,7 @@ _LAZY = {
     "Recipe": "moe_finetune.recipe",
     "train": "moe_finetune.train",
     "build_trainer": "moe_finetune.train",
+    "run": "moe_finetune.train",
 }
 
 __all__ = ["__version__", *_LAZY]

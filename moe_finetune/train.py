@@ -276,37 +276,21 @@ def _last_checkpoint(output_dir: Path) -> str | None:
     return str(output_dir / f"checkpoint-{max(steps)}") if steps else None
 
 
-def run(
-    recipe: Recipe,
-    *,
-    overwrite: bool = False,
-    allow_small_dataset: bool = False,
-    resume: str | bool | None = None,
-    echo: Echo = print,
-) -> RunResult:
-    """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
-    from trl import SFTTrainer
+@dataclass
+class Prepared:
+    """Everything a run needs before its Trainer exists (nothing written to the output directory yet)."""
 
-    from moe_finetune.callbacks import attach
-    from moe_finetune.callbacks.guard import EntropyGuard, append_event, checkpoint_before_trouble
+    data: LoadedData
+    args: Any
+    model: Any
+    tokenizer: Any
+    spec: FamilySpec
+    coverage: Coverage
+    override: str | None
 
-    start = time.perf_counter()
-    output_dir = Path(recipe.output_dir or "runs/run")
-    check_files(recipe)
-    check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
-    resume_from: str | None = None
-    if resume:
-        resume_from = resume if isinstance(resume, str) else _last_checkpoint(output_dir)
-        if resume_from is None:
-            raise OutputDirError(f"--resume: no complete checkpoint to resume from in {output_dir}")
-        if not (Path(resume_from) / "trainer_state.json").is_file():
-            raise OutputDirError(
-                f"--resume: {resume_from} is not a complete Trainer checkpoint (no trainer_state.json); "
-                f"checkpoints in {output_dir}: {', '.join(sorted(p.name for p in output_dir.glob('checkpoint-*'))) or 'none'}"
-            )
-    for warning in recipe_warnings(recipe):
-        echo(f"warning: {warning}")
 
+def prepare(recipe: Recipe, output_dir: Path, *, allow_small_dataset: bool = False) -> Prepared:
+    """Data (counted and refused if too small, before any model loads), arguments, model with LoRA."""
     data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
     override = None
     if data.num_train < recipe.data.min_examples:
@@ -332,8 +316,85 @@ def run(
     with args.main_process_first(desc="loading the model"):
         model, tokenizer, spec = load_model_and_tokenizer(recipe)
     model, cov = apply_lora(model, recipe.lora, spec)
+    return Prepared(data, args, model, tokenizer, spec, cov, override)
 
-    created = not output_dir.exists() or (overwrite and not resume)
+
+def _sft_trainer(prepared: Prepared) -> Any:
+    from trl import SFTTrainer
+
+    return SFTTrainer(
+        model=prepared.model,
+        args=prepared.args,
+        train_dataset=prepared.data.train,
+        eval_dataset=prepared.data.eval,
+        processing_class=prepared.tokenizer,
+    )
+
+
+def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Echo = print) -> Any:
+    """The SFTTrainer a recipe describes, routing callbacks attached, for users who drive `train()` themselves.
+
+    Nothing is written until the Trainer itself saves; `run` adds the run directory, the interrupt
+    handling, the exit conditions and the final adapter on top of the same pieces.
+    """
+    from moe_finetune.callbacks import attach
+
+    output_dir = Path(recipe.output_dir or "runs/run")
+    check_files(recipe)
+    prepared = prepare(recipe, output_dir, allow_small_dataset=allow_small_dataset)
+    trainer = _sft_trainer(prepared)
+    attach(trainer, *make_callbacks(recipe, output_dir, echo))
+    return trainer
+
+
+def run(
+    recipe: Recipe,
+    *,
+    overwrite: bool = False,
+    allow_small_dataset: bool = False,
+    resume: str | bool | None = None,
+    echo: Echo = print,
+) -> RunResult:
+    """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
+    from moe_finetune.callbacks import attach
+    from moe_finetune.callbacks.guard import EntropyGuard, append_event, checkpoint_before_trouble
+
+    start = time.perf_counter()
+    output_dir = Path(recipe.output_dir or "runs/run")
+    check_files(recipe)
+    check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
+    resume_from: str | None = None
+    if resume:
+        resume_from = resume if isinstance(resume, str) else _last_checkpoint(output_dir)
+        if resume_from is None:
+            raise OutputDirError(f"--resume: no complete checkpoint to resume from in {output_dir}")
+        if not (Path(resume_from) / "trainer_state.json").is_file():
+            raise OutputDirError(
+                f"--resume: {resume_from} is not a complete Trainer checkpoint (no trainer_state.json); "
+                f"checkpoints in {output_dir}: {', '.join(sorted(p.name for p in output_dir.glob('checkpoint-*'))) or 'none'}"
+            )
+    for warning in recipe_warnings(recipe):
+        echo(f"warning: {warning}")
+
+    existed = output_dir.exists()
+    try:
+        prepared = prepare(recipe, output_dir, allow_small_dataset=allow_small_dataset)
+    except BaseException:
+        # The training arguments may already have made an (empty) output directory: take it back.
+        if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        raise
+    data, args, model, tokenizer, spec, cov, override = (
+        prepared.data,
+        prepared.args,
+        prepared.model,
+        prepared.tokenizer,
+        prepared.spec,
+        prepared.coverage,
+        prepared.override,
+    )
+
+    created = not existed or (overwrite and not resume)
     if overwrite and output_dir.exists() and not resume:
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -360,13 +421,7 @@ def run(
                 },
             )
         callbacks = make_callbacks(recipe, output_dir, echo)
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-        )
+        trainer = _sft_trainer(prepared)
         from moe_finetune.aux_check import check_aux_loss
 
         aux = check_aux_loss(trainer.model, args)

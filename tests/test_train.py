@@ -101,3 +101,17 @@ def test_bad_row_exits_2_naming_the_row(recipe_factory, tmp_path: Path, capsys) 
     assert code == 2
     assert "line 2 is missing the field 'completion'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_build_trainer_gives_a_guarded_trainer_without_writing_anything(
+    recipe_factory, tmp_path: Path
+) -> None:
+    from moe_finetune import build_trainer, load_recipe
+    from moe_finetune.callbacks import EntropyGuard, RoutingMonitor
+
+    trainer = build_trainer(load_recipe(recipe_factory(), ["training.max_steps=2"]), echo=lambda line: None)
+    kinds = {type(c) for c in trainer.callback_handler.callbacks}
+    assert {RoutingMonitor, EntropyGuard} <= kinds
+    assert not any((tmp_path / "run").rglob("*"))  # at most the empty folder TrainingArguments makes
+    trainer.train()
+    assert any("routing/entropy" in entry for entry in trainer.state.log_history)
