@@ -18,13 +18,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moe_finetune.callbacks.dataset_size import DEFAULT_MIN_EXAMPLES
 from moe_finetune.callbacks.policy import GuardConfig
 from moe_finetune.errors import RecipeError
 
 # The field's defaults for MoE fine-tuning (DESIGN.md section 4). `validate` warns on departures.
 DEFAULT_LEARNING_RATE = 1e-5
 MAX_MOE_LEARNING_RATE = 1e-4
-DEFAULT_MIN_EXAMPLES = 10_000
 
 # Training defaults applied under whatever the recipe says (the recipe always wins).
 TRAINING_DEFAULTS: dict[str, Any] = {

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,11 +20,28 @@ def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
 
 
-def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def halted_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """The demo recipe run once to its halt (about 15 s); each test resumes from its own copy."""
+    run = tmp_path_factory.mktemp("demo") / "run"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["train", str(REPO / "recipes" / "demo-collapse.yaml"), "--output-dir", str(run)])
+    return run, code, out.getvalue(), err.getvalue()
+
+
+def _copy(halted_demo: tuple[Path, int, str, str], tmp_path: Path) -> Path:
     run = tmp_path / "demo"
-    code = main(["train", str(REPO / "recipes" / "demo-collapse.yaml"), "--output-dir", str(run)])
-    out, err = capsys.readouterr()
+    shutil.copytree(halted_demo[0], run)
+    return run
+
+
+def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(
+    halted_demo: tuple[Path, int, str, str], tmp_path: Path, capsys
+) -> None:
+    _, code, out, err = halted_demo
     assert code == 4, out[-3000:] + err[-3000:]
+    run = _copy(halted_demo, tmp_path)
 
     events = _events(run)
     actions = [e["action"] for e in events]
@@ -41,8 +61,7 @@ def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(tmp_
     first_cut = cuts[0]["step"]
     steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
     suggested = max(step for step in steps if step < first_cut)
-    assert f"--resume {run / f'checkpoint-{suggested}'}" in err
-    earlier = suggested
+    assert f"--resume {halted_demo[0] / f'checkpoint-{suggested}'}" in err
     code = main(
         [
             "train",
@@ -50,7 +69,7 @@ def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(tmp_
             "--output-dir",
             str(run),
             "--resume",
-            str(run / f"checkpoint-{earlier}"),
+            str(run / f"checkpoint-{suggested}"),
             "--set",
             "training.learning_rate=1e-5",
             "--set",
@@ -61,16 +80,17 @@ def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(tmp_
     assert code == 0, out[-3000:] + err[-3000:]
     assert f"done: {halt_step + 20} steps" in out
     after = _events(run)[len(events) :]
-    assert after[0]["action"] == "resume_lr" and after[0]["step"] == earlier
+    assert after[0]["action"] == "resume_lr" and after[0]["step"] == suggested
     assert after[0]["lr_after"] == pytest.approx(1e-5)
     assert all(e["action"] != "halt" for e in after)  # at 1e-5 the run goes on
-    assert all(e["step"] > earlier for e in after[1:])
+    assert all(e["step"] > suggested for e in after[1:])
 
 
-def test_resuming_after_a_cut_never_applies_it_twice(tmp_path: Path, capsys) -> None:
-    run = tmp_path / "demo"
-    assert main(["train", str(REPO / "recipes" / "demo-collapse.yaml"), "--output-dir", str(run)]) == 4
-    capsys.readouterr()
+def test_resuming_after_a_cut_never_applies_it_twice(
+    halted_demo: tuple[Path, int, str, str], tmp_path: Path, capsys
+) -> None:
+    assert halted_demo[1] == 4
+    run = _copy(halted_demo, tmp_path)
     events = _events(run)
     first_cut = next(e for e in events if e["action"] == "cut_lr")
     after_cut = min(
