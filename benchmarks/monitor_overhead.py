@@ -247,8 +247,8 @@ def time_interleaved(model_dir: Path, args: argparse.Namespace) -> dict[str, Any
     monitor = arms["with"][1]
     assert monitor is not None and monitor.capture is None and monitor.latest is not None
     # the drift probe on its own: install a capture again and time a few probes
-    from moe_finetune.callbacks.monitor import take_probe_batch
     from moe_finetune.routing.capture import RoutingCapture
+    from moe_finetune.routing.probe import probe_routing, take_probe_batch
 
     trainer = arms["with"][0]
     capture = RoutingCapture(trainer.model, train_only=True)
@@ -256,7 +256,7 @@ def time_interleaved(model_dir: Path, args: argparse.Namespace) -> dict[str, Any
     probe_times = []
     for _ in range(3):
         start = time.perf_counter()
-        capture.probe(batch, chunk_rows=BATCH)
+        probe_routing(capture, batch, chunk_rows=BATCH)
         probe_times.append(time.perf_counter() - start)
     capture.remove()
     monitored_steps = args.reps * args.steps

@@ -35,8 +35,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe_finetune.models.families import FamilySpec, family_for_model
-from moe_finetune.routing.capture import canonical_router_name, find_routers, unwrap_model
+from moe_finetune.models.families import (
+    FamilySpec,
+    family_for_model,
+    find_routers,
+    strip_wrapper_names,
+    unwrap_model,
+)
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 
@@ -140,7 +145,7 @@ def trainable_upstream_of_routers(model: Any, spec: FamilySpec | None = None) ->
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = canonical_router_name(raw_name)
+        name = strip_wrapper_names(raw_name)
         if id(param) in router_params:
             router_trainable = True
             receivers.append(name)
@@ -295,7 +300,7 @@ def aux_gradient_receivers(model: Any, input_ids: Any, attention_mask: Any = Non
     if isinstance(aux, torch.Tensor) and aux.requires_grad:
         aux.backward()
         receivers = [
-            canonical_router_name(name)
+            strip_wrapper_names(name)
             for name, param in model.named_parameters()
             if param.requires_grad and param.grad is not None and bool(param.grad.abs().sum() > 0)
         ]

@@ -71,7 +71,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from moe_finetune.inspect import inspect_model, load_config
+    from moe_finetune.inspect import inspect_model
+    from moe_finetune.models.configs import load_config, meta_model
 
     if args.model is None and not args.recipe:
         raise RecipeError("inspect: give a MODEL_OR_CONFIG, or --recipe to inspect the recipe's model")
@@ -80,7 +81,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from moe_finetune.models.families import family_for_config
         from moe_finetune.models.lora import build_lora_config
         from moe_finetune.recipe import load_recipe
-        from moe_finetune.validate import meta_model
 
         recipe = load_recipe(args.recipe, list(args.set or []))
         if args.model is None:

@@ -55,7 +55,6 @@ estimated: they depend on batch, sequence length and checkpointing, not on the m
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import warnings
@@ -67,6 +66,8 @@ import torch
 from torch import nn
 
 from moe_finetune.errors import LoraTargetError, RecipeError
+from moe_finetune.models.configs import load_config, meta_model, shipped_config_for
+from moe_finetune.models.families import NUM_EXPERTS_ATTRS, TOP_K_ATTRS, family_for_config, find_routers
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -74,49 +75,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATEGORIES",
-    "CONFIGS_DIR",
-    "SHIPPED_CONFIGS",
     "InspectReport",
     "LoraEstimate",
     "MemoryEstimate",
     "ParameterCounts",
-    "ShippedConfig",
     "inspect_model",
-    "load_config",
 ]
-
-# The directory of published config.json files (recipes/configs/ in the repository). An installed
-# copy elsewhere can be pointed at with MOE_FINETUNE_CONFIGS_DIR.
-CONFIGS_DIR = Path(
-    os.environ.get("MOE_FINETUNE_CONFIGS_DIR", Path(__file__).resolve().parents[1] / "recipes" / "configs")
-)
-
-
-@dataclass(frozen=True)
-class ShippedConfig:
-    """One published config.json shipped in recipes/configs/: its file, hub repo and short names."""
-
-    filename: str
-    repo_id: str
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def path(self) -> Path:
-        return CONFIGS_DIR / self.filename
-
-    def names(self) -> tuple[str, ...]:
-        return (Path(self.filename).stem, self.repo_id, *self.aliases)
-
-
-SHIPPED_CONFIGS: dict[str, ShippedConfig] = {
-    "mixtral-8x7b": ShippedConfig(
-        "mixtral-8x7b-instruct-v0.1.json", "mistralai/Mixtral-8x7B-Instruct-v0.1", ("mixtral-8x7b-instruct",)
-    ),
-    "mixtral-8x22b": ShippedConfig("mixtral-8x22b-v0.1.json", "mistralai/Mixtral-8x22B-v0.1"),
-    "qwen3-30b-a3b": ShippedConfig("qwen3-30b-a3b.json", "Qwen/Qwen3-30B-A3B"),
-    "olmoe-1b-7b": ShippedConfig("olmoe-1b-7b-0924.json", "allenai/OLMoE-1B-7B-0924", ("olmoe",)),
-    "deepseek-v2-lite": ShippedConfig("deepseek-v2-lite.json", "deepseek-ai/DeepSeek-V2-Lite"),
-}
 
 # bitsandbytes storage, in bytes per quantized weight (see the module docstring).
 _NF4_BYTES = (4 + 32 / 64) / 8
@@ -125,8 +89,6 @@ _INT8_BYTES = 1.0
 _INT8_ROW_SCALE_BYTES = 4  # one fp32 `SCB` per output row
 
 # Config attributes that name the number of routed experts and the experts chosen per token.
-_NUM_EXPERTS_ATTRS = ("n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts")
-_TOP_K_ATTRS = ("num_experts_per_tok", "moe_k", "moe_top_k", "num_experts_per_token", "top_k")
 
 _ATTENTION_PARTS = {"self_attn", "attn", "attention", "self_attention", "cross_attn"}
 _MLP_PARTS = {"mlp", "feed_forward", "ffn"}
@@ -140,110 +102,6 @@ CATEGORIES = (
     "dense_mlp",
     "norms_and_other",
 )
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a config offline
-# --------------------------------------------------------------------------------------------
-
-
-def _shipped_for(name: str) -> ShippedConfig | None:
-    wanted = name.strip().lower()
-    for key, shipped in SHIPPED_CONFIGS.items():
-        if wanted in {key, *(n.lower() for n in shipped.names())}:
-            return shipped
-    return None
-
-
-def _config_from_dict(config_dict: dict[str, Any], source: str) -> PretrainedConfig:
-    """A transformers config from a config.json dict, always with transformers' own (native) class.
-
-    `auto_map` is dropped: it points at remote modeling code (DeepSeek-V2-Lite's config.json names
-    `modeling_deepseek.DeepseekV2ForCausalLM`), which moe-finetune never runs; transformers 5 has a
-    native class for every family we ship, so the native one is what gets built.
-    """
-    from transformers import CONFIG_MAPPING
-
-    config_dict = dict(config_dict)
-    config_dict.pop("auto_map", None)
-    model_type = config_dict.get("model_type")
-    if not model_type:
-        raise RecipeError(f"{source}: config.json has no `model_type`, so its architecture is unknown")
-    if model_type not in CONFIG_MAPPING:
-        raise RecipeError(
-            f"{source}: model_type {model_type!r} has no config class in this transformers; "
-            "moe-finetune does not run remote code (trust_remote_code), so the family must be native"
-        )
-    return CONFIG_MAPPING[model_type].from_dict(config_dict)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise RecipeError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a JSON object (a config.json), got {type(data).__name__}")
-    return data
-
-
-def load_config(path_or_name: str | os.PathLike[str]) -> PretrainedConfig:
-    """A `transformers` config for a JSON file, a model directory, a shipped name, or a hub id.
-
-    Resolution, in order (everything but the last step works offline):
-
-    1. an existing JSON file: read as a config.json;
-    2. an existing directory: its `config.json`;
-    3. a shipped config, by short name (`"mixtral-8x7b"`), file stem (`"mixtral-8x22b-v0.1"`) or hub
-       id (`"mistralai/Mixtral-8x7B-Instruct-v0.1"`), case-insensitive: the file in recipes/configs/;
-    4. anything else that looks like a hub id: `AutoConfig.from_pretrained(name, trust_remote_code=False)`,
-       which needs the hub or the local HF cache (without a network, huggingface_hub retries for ~25 s
-       unless HF_HUB_OFFLINE=1); failing that, a `RecipeError` (exit 2) saying what was tried.
-
-    A name that is clearly a path (`.json`, a leading `/`, `./`, `../`, `~`, or more than one `/`)
-    but does not exist is a `RecipeError` at once.
-
-    Steps 1-3 build the config with transformers' native class for its `model_type` and drop
-    `auto_map`, so no remote code is ever looked for (see `_config_from_dict`).
-    """
-    text = os.fspath(path_or_name)
-    path = Path(text).expanduser()
-    if path.is_file():
-        return _config_from_dict(_read_json(path), str(path))
-    if path.is_dir():
-        config_json = path / "config.json"
-        if not config_json.is_file():
-            raise RecipeError(
-                f"{path}: a directory without config.json; pass the config.json file or a model directory"
-            )
-        return _config_from_dict(_read_json(config_json), str(config_json))
-    if text.endswith(".json") or text.startswith(("/", "./", "../", "~")) or text.count("/") > 1:
-        # Clearly a path, not a hub id ("org/name"): say so instead of asking the hub.
-        raise RecipeError(f"{text}: no such file or directory (expected a config.json or a model directory)")
-    shipped = _shipped_for(text)
-    if shipped is not None:
-        if not shipped.path.is_file():
-            raise RecipeError(
-                f"shipped config {shipped.filename} for {text!r} is missing from {CONFIGS_DIR} "
-                "(set MOE_FINETUNE_CONFIGS_DIR to the recipes/configs directory)"
-            )
-        return _config_from_dict(_read_json(shipped.path), str(shipped.path))
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(text, trust_remote_code=False)
-    except Exception as err:  # offline, unknown repo, remote-code-only model: all the same to the user
-        shipped_names = ", ".join(sorted(SHIPPED_CONFIGS))
-        raise RecipeError(
-            f"cannot load a config for {text!r}: it is not a file, not a directory with config.json, "
-            f"not a shipped config ({shipped_names}), and AutoConfig.from_pretrained failed "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, download "
-            "the model's config.json and pass its path."
-        ) from None
-    if hasattr(config, "auto_map"):
-        del config.auto_map
-    return config
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,21 +253,6 @@ def _fmt_gib(num_bytes: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _build_meta_model(config: PretrainedConfig) -> PreTrainedModel:
-    """The causal-LM for `config` on the meta device, in bf16 (fp32 where the model insists)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    except (ValueError, KeyError) as err:
-        raise RecipeError(
-            f"transformers cannot build a causal LM for {type(config).__name__} "
-            f"(model_type {config.model_type!r}): {err}"
-        ) from None
-
-
 def _config_int(config: PretrainedConfig, attrs: tuple[str, ...]) -> int | None:
     """The first positive integer among `attrs`, looked up on the config and its text/ffn sub-configs."""
     candidates = [config]
@@ -443,13 +286,27 @@ def _experts_root(parts: list[str]) -> int | None:
     return parts.index("experts") if "experts" in parts else None
 
 
+def _router_paths(model: nn.Module) -> set[str] | None:
+    """Module paths of the routers for a family we know (models/families.py); None for an unknown one."""
+    from moe_finetune.errors import UnknownFamilyError
+
+    try:
+        family = family_for_config(model.config)
+    except UnknownFamilyError:
+        return None
+    return set(find_routers(model, family, canonical=False)[0])
+
+
 def _categorise(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     """Map each parameter name to a category, and each routed-expert parameter to its experts module.
 
     Precedence: routed experts > shared experts > routers > embeddings > attention > dense MLP >
-    norms and other. Tied parameters appear once (named_parameters drops duplicates).
+    norms and other. Tied parameters appear once (named_parameters drops duplicates). Routers are the
+    family table's router modules where the family is known, else a `*Router` class or a `gate`/`router`
+    module beside an `experts` module.
     """
     modules = dict(model.named_modules())
+    router_paths = _router_paths(model)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     category: dict[str, str] = {}
     experts_module_of: dict[str, str] = {}
@@ -468,7 +325,11 @@ def _categorise(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
             experts_module_of[param_name] = ".".join(parts[: root + 1])
         elif any(part.startswith("shared_expert") or part == "shared_mlp" for part in parts):
             category[param_name] = "shared_experts"
-        elif any("router" in name for name in class_names) or _is_gate_beside_experts(parts, modules):
+        elif (
+            any(module_path == p or module_path.startswith(p + ".") for p in router_paths)
+            if router_paths is not None
+            else any("router" in name for name in class_names) or _is_gate_beside_experts(parts, modules)
+        ):
             category[param_name] = "routers"
         elif isinstance(owner, nn.Embedding) or (
             output_embeddings is not None and owner is output_embeddings
@@ -503,7 +364,7 @@ def _num_experts_in(module: nn.Module, config: PretrainedConfig) -> int | None:
             return int(param.shape[0])
     if isinstance(module, nn.ModuleList):
         return len(module)
-    return _config_int(config, _NUM_EXPERTS_ATTRS)
+    return _config_int(config, NUM_EXPERTS_ATTRS)
 
 
 def _quantizable_linears(model: nn.Module) -> set[str]:
@@ -640,10 +501,10 @@ def inspect_model(
     else:
         name = os.fspath(model_or_config)
         config = load_config(name)
-        shipped = _shipped_for(name)
+        shipped = shipped_config_for(name)
         source = f"{shipped.repo_id} ({shipped.path})" if shipped and not Path(name).exists() else name
 
-    model = _build_meta_model(config)
+    model = meta_model(config, dtype=torch.bfloat16)
     category, experts_module_of = _categorise(model)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -652,7 +513,7 @@ def inspect_model(
         totals[category[param_name]] += param.numel()
     total = sum(totals.values())
 
-    top_k = _config_int(config, _TOP_K_ATTRS)
+    top_k = _config_int(config, TOP_K_ATTRS)
     notes: list[str] = []
     routed_active = 0.0
     expert_counts: set[int] = set()
@@ -661,7 +522,7 @@ def inspect_model(
         if num_experts is None or top_k is None:
             raise RecipeError(
                 f"{name}: found routed experts ({experts_path}) but could not read the number of experts "
-                f"({'/'.join(_NUM_EXPERTS_ATTRS)}) or top-k ({'/'.join(_TOP_K_ATTRS)}) from the config"
+                f"({'/'.join(NUM_EXPERTS_ATTRS)}) or top-k ({'/'.join(TOP_K_ATTRS)}) from the config"
             )
         expert_counts.add(num_experts)
         routed_active += params[param_name].numel() * min(top_k, num_experts) / num_experts

@@ -1,4 +1,4 @@
-"""The recipe schema: one pydantic model that is also the documentation of the YAML.
+"""The recipe: its sections (sections.py) composed into one model, loaded, overridden and checked.
 
 A recipe is validated completely before anything heavy runs (no model is loaded, no directory is
 created), and every error names the field at fault and what it accepts. `training:` is handed to
@@ -13,14 +13,21 @@ import re
 import typing
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from moe_finetune.callbacks.dataset_size import DEFAULT_MIN_EXAMPLES
-from moe_finetune.callbacks.policy import GuardConfig
 from moe_finetune.errors import RecipeError
+from moe_finetune.sections import (
+    DEFAULT_MIN_EXAMPLES,
+    DataSection,
+    GuardConfig,
+    LoraSection,
+    ModelSection,
+    MonitorSection,
+    Section,
+)
 
 # The field's defaults for MoE fine-tuning (DESIGN.md section 4). `validate` warns on departures.
 DEFAULT_LEARNING_RATE = 1e-5
@@ -46,95 +53,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 _TRAINING_RESERVED = {"output_dir": "output_dir (top level of the recipe)"}
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class QuantizationSection(_Section):
-    """bitsandbytes quantization through `quantization_config` (the `load_in_4bit` kwarg is gone in
-    transformers 5). Note: it quantizes nn.Linear only; fused experts stay in full precision."""
-
-    bits: Literal[4, 8] = Field(4, description="4 (QLoRA, NF4/FP4) or 8 (LLM.int8)")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="matmul dtype")
-    double_quant: bool = Field(True, description="quantize the quantization constants too")
-
-
-class ModelSection(_Section):
-    name: str = Field(
-        ...,
-        description="tiny-<family> for a tiny random model built locally (tiny-mixtral, tiny-qwen3-moe, ...), "
-        "a hub id, or a local save_pretrained directory",
-    )
-    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
-    config: str | None = Field(
-        None,
-        description="a config.json (file or directory) describing the architecture, for offline `validate` and "
-        "`inspect` when the hub is out of reach; relative to the recipe file",
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype; auto = the checkpoint's own (float32 for tiny models)"
-    )
-    quantization: QuantizationSection | None = Field(
-        None, description="load the base model quantized (QLoRA)"
-    )
-    experts_implementation: Literal["eager", "grouped_mm"] | None = Field(
-        None, description="how fused experts run; None = the transformers default (grouped_mm)"
-    )
-    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...")
-    trust_remote_code: bool = Field(False, description="allow custom modeling code from the hub")
-    output_router_logits: bool = Field(
-        True, description="ask the model for router logits so that the load-balancing aux loss is computed"
-    )
-    router_aux_loss_coef: float | None = Field(
-        None, ge=0.0, description="aux-loss coefficient; None = the model config's own (0.0 turns it off)"
-    )
-
-
-class LoraSection(_Section):
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
-    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout on attention modules")
-    attention: bool = Field(True, description="adapt the attention projections (q/k/v/o or the family's own)")
-    experts: bool = Field(True, description="adapt the fused expert weights through PEFT target_parameters")
-    router: bool = Field(
-        False,
-        description="train the router weights fully (modules_to_save); off by default: routers are fragile",
-    )
-    target_modules: list[str] | None = Field(
-        None, description="attention module names to adapt; None = the family's attention projections"
-    )
-    target_parameters: list[str] | None = Field(
-        None, description="expert parameter names to adapt; None = the family's fused expert parameters"
-    )
-
-
-class DataSection(_Section):
-    path: str = Field(
-        ...,
-        description="a .jsonl/.jsonl.gz/.json/.csv/.parquet file or a datasets.save_to_disk directory; relative "
-        "to the recipe file",
-    )
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk"] = Field(
-        "auto", description="file format; auto = from the extension"
-    )
-    split: str = Field("train", description="split to use when `path` is a saved DatasetDict")
-    text_field: str = Field("text", description="column with plain text")
-    prompt_field: str = Field("prompt", description="column with the prompt (prompt/completion datasets)")
-    completion_field: str = Field("completion", description="column with the completion")
-    messages_field: str = Field("messages", description="column with chat messages [{role, content}, ...]")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="share of rows held out for evaluation")
-    max_examples: int | None = Field(None, ge=1, description="use only the first N rows (after shuffling)")
-    shuffle: bool = Field(True, description="shuffle rows (seeded) before splitting")
-    seed: int = Field(0, description="seed for shuffling and the eval split")
-    min_examples: int = Field(
-        DEFAULT_MIN_EXAMPLES,
-        ge=0,
-        description="refuse to train on fewer training examples than this (MoE routers collapse on small data)",
-    )
-
-
-class Recipe(_Section):
+class Recipe(Section):
     name: str | None = Field(None, description="a short name for the run")
     description: str | None = Field(None, description="free text")
     model: ModelSection
@@ -144,6 +63,7 @@ class Recipe(_Section):
         default_factory=dict,
         description="passed to trl.SFTConfig (learning_rate, max_steps, logging_steps, ...)",
     )
+    monitor: MonitorSection = Field(default_factory=MonitorSection)
     guards: GuardConfig = Field(default_factory=GuardConfig)
     output_dir: str | None = Field(None, description="run directory; None = runs/<recipe file name>")
 
@@ -317,7 +237,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(
-            f"recipe {path} must be a mapping of sections (model, lora, data, training, guards)"
+            f"recipe {path} must be a mapping of sections (model, lora, data, training, monitor, guards)"
         )
     data = apply_overrides(data, overrides or [])
     try:

@@ -95,23 +95,23 @@ def run_smoke(
     from trl import SFTConfig, SFTTrainer
 
     from moe_finetune.aux_check import describe_aux_loss
-    from moe_finetune.callbacks.monitor import RoutingMonitor, attach
+    from moe_finetune.callbacks import RoutingMonitor, attach
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
     from moe_finetune.models.tiny import build_tiny
-    from moe_finetune.recipe import LoraSection
+    from moe_finetune.sections import LoraSection
 
     say: Echo = echo if echo is not None else (lambda _line: None)
     start = time.perf_counter()
-    spec = get_family(family)
-    model_dir = build_tiny(spec)
+    family_spec = get_family(family)
+    model_dir = build_tiny(family_spec)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
-    model, coverage = apply_lora(model, LoraSection(), spec)
+    model, coverage = apply_lora(model, LoraSection(), family_spec)
     dataset = _smoke_dataset(max(rows, steps * batch_size))
     say(
-        f"smoke: tiny {spec.name} ({spec.num_experts(model.config)} experts, top-{spec.top_k(model.config)}), "
+        f"smoke: tiny {family_spec.name} ({family_spec.num_experts(model.config)} experts, top-{family_spec.top_k(model.config)}), "
         f"{steps} steps of batch {batch_size} on {len(dataset)} rows"
     )
     say(coverage.line())
@@ -152,7 +152,7 @@ def run_smoke(
     table = monitor.format_table()
     say(table)
     return SmokeResult(
-        family=spec.name,
+        family=family_spec.name,
         steps=trainer.state.global_step,
         seconds=time.perf_counter() - start,
         train_loss=result.training_loss,

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import RecipeError
+from moe_finetune.models.configs import meta_model, model_config_for
 from moe_finetune.models.families import family_for_config
 from moe_finetune.models.lora import build_lora_config
-from moe_finetune.models.tiny import build_tiny, family_of_tiny_name, is_tiny_name
 from moe_finetune.recipe import Recipe, check_files, load_recipe, recipe_warnings
 
 
@@ -25,42 +24,13 @@ class ValidationReport:
     lines: list[str] = field(default_factory=list)
 
 
-def model_config_for(recipe: Recipe) -> Any:
-    """The model's transformers config, offline when possible: tiny models, local paths, shipped configs."""
-    from transformers import AutoConfig
-
-    name = recipe.model.name
-    if is_tiny_name(name):
-        return AutoConfig.from_pretrained(build_tiny(family_of_tiny_name(name)))
-    source: str | Path = name
-    if recipe.model.config is not None:
-        source = recipe.resolve_path(recipe.model.config)
-    elif recipe.resolve_path(name).exists():
-        source = recipe.resolve_path(name)
-    try:
-        from moe_finetune.inspect import load_config
-    except ImportError:  # pragma: no cover - inspect ships with the package
-        load_config = None
-    try:
-        if load_config is not None:
-            return load_config(str(source))
-        return AutoConfig.from_pretrained(source, trust_remote_code=recipe.model.trust_remote_code)
-    except RecipeError:
-        raise
-    except Exception as err:
-        raise RecipeError(
-            f"model.name: cannot read the configuration of {name!r} ({str(err).splitlines()[0]}); offline, "
-            "set model.config to its config.json (recipes/configs/ ships the common ones)"
-        ) from None
-
-
-def meta_model(config: Any) -> Any:
-    """The architecture with no storage behind it: shapes and module names only."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+def recipe_model_config(recipe: Recipe) -> Any:
+    """The config of the recipe's model (models/configs.py finds it offline where it can)."""
+    return model_config_for(
+        recipe.model.name,
+        config_path=recipe.resolve_path(recipe.model.config) if recipe.model.config else None,
+        local_path=recipe.resolve_path(recipe.model.name),
+    )
 
 
 def validate_recipe(
@@ -77,14 +47,14 @@ def validate_recipe(
         check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))
         report.lines.append(f"data: {data.num_train:,} training examples ({data.schema}) in {data.path}")
 
-    config = model_config_for(recipe)
-    spec = family_for_config(config)
+    config = recipe_model_config(recipe)
+    family = family_for_config(config)
     model = meta_model(config)
-    lora_config = build_lora_config(model, recipe.lora, spec)
+    lora_config = build_lora_config(model, recipe.lora, family)
     total = sum(p.numel() for p in model.parameters())
     report.lines.append(
-        f"model: {recipe.model.name} ({spec.name}, {total / 1e9:.2f} B parameters, "
-        f"{spec.num_experts(config)} experts, top-{spec.top_k(config)})"
+        f"model: {recipe.model.name} ({family.name}, {total / 1e9:.2f} B parameters, "
+        f"{family.num_experts(config)} experts, top-{family.top_k(config)})"
     )
     report.lines.append(
         f"lora: r={recipe.lora.r}, modules {sorted(lora_config.target_modules or [])}, "

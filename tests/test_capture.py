@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_finetune.errors import UnknownFamilyError
-from moe_finetune.routing import RoutingCapture, capture_routing, compare_probes
+from moe_finetune.routing import RoutingCapture, capture_routing, compare_probes, probe_routing
 from moe_finetune.routing.metrics import RoutingSums, overflow_assignments
 
 # overflow is per forward (capacity is a per-batch budget), so it is compared separately
@@ -188,8 +188,8 @@ def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
     mask[1, 4:] = 0
     batch = {"input_ids": ids(2, 6), "attention_mask": mask, "labels": ids(2, 6)}
     with capture_routing(mixtral) as cap:
-        first = cap.probe(batch)
-        second = cap.probe(batch)
+        first = probe_routing(cap, batch)
+        second = probe_routing(cap, batch)
         assert cap.sums.tokens.sum().item() == 0
     assert mixtral.training and all(m.training for m in mixtral.modules())
     assert first.topk.shape == (2, 12, 2)  # (layers, B*T rows, k)
@@ -198,7 +198,7 @@ def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
     drift = compare_probes(first, second)
     assert drift.topk_change == 0.0 and drift.load_js == 0.0
     with capture_routing(mixtral) as cap:
-        chunked = cap.probe(batch, chunk_rows=1)  # one sequence per forward: same answer, less memory
+        chunked = probe_routing(cap, batch, chunk_rows=1)  # one sequence per forward: same answer, less memory
     assert torch.equal(chunked.topk, first.topk) and torch.equal(chunked.counts, first.counts)
     assert torch.equal(chunked.valid, first.valid)
 
@@ -206,10 +206,10 @@ def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
 def test_probe_sees_a_changed_router(mixtral):
     batch = {"input_ids": ids(2, 8)}
     with capture_routing(mixtral) as cap:
-        start = cap.probe(batch)
+        start = probe_routing(cap, batch)
         with torch.no_grad():
             mixtral.model.layers[1].mlp.gate.weight.mul_(-1.0)
-        drift = compare_probes(start, cap.probe(batch))
+        drift = compare_probes(start, probe_routing(cap, batch))
     assert drift.layer_topk_change[0] == 0.0
     assert drift.layer_topk_change[1] > 0.5 and drift.topk_change == pytest.approx(
         drift.layer_topk_change[1] / 2
@@ -257,7 +257,7 @@ def test_a_family_model_without_routers_is_refused_by_class_name():
 def test_a_trainable_router_copy_shares_its_layer_slot(tiny_mixtral_dir):
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
-    from moe_finetune.recipe import LoraSection
+    from moe_finetune.sections import LoraSection
 
     batch = {"input_ids": ids(2, 6)}
     bare = run_sums(load(tiny_mixtral_dir), **batch)

@@ -55,7 +55,7 @@ def assert_sums_close(actual: RoutingSums, expected: RoutingSums) -> None:
 
 def lora(model, family: str, **section):
     from moe_finetune.models.lora import apply_lora
-    from moe_finetune.recipe import LoraSection
+    from moe_finetune.sections import LoraSection
 
     wrapped, _ = apply_lora(model, LoraSection(**section), get_family(family))
     return wrapped

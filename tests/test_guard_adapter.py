@@ -15,7 +15,7 @@ from moe_finetune.callbacks.guard import (
     peak_learning_rate,
     scale_learning_rate,
 )
-from moe_finetune.callbacks.policy import GuardConfig
+from moe_finetune.sections import GuardConfig
 
 SCHEDULERS = [
     "linear",

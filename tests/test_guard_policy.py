@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from moe_finetune.callbacks.policy import GuardAction, GuardConfig, GuardPolicy, RoutingSnapshot
+from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot
+from moe_finetune.sections import GuardConfig, MonitorSection
 
 EXPERTS = 8
 UNIFORM = [1 / EXPERTS] * EXPERTS
@@ -350,8 +351,9 @@ def test_defaults_are_the_design_section_5_values_and_every_field_is_described()
     )
     assert (config.cooldown, config.max_cuts, config.min_lr) == (2, 3, 1e-7)
     assert (config.halt_drop, config.halt_layer_drop, config.max_load_ratio) == (0.4, 0.5, 3.0)
-    assert (config.dead_threshold, config.dead_fraction, config.dead_patience) == (0.1, 0.25, 3)
-    assert config.entropy_floor is None and config.halt_on_nonfinite and config.capacity_factor == 1.25
+    monitor = MonitorSection()
+    assert (monitor.dead_threshold, config.dead_fraction, config.dead_patience) == (0.1, 0.25, 3)
+    assert config.entropy_floor is None and config.halt_on_nonfinite and monitor.capacity_factor == 1.25
     assert all(info.description for info in GuardConfig.model_fields.values())
 
 

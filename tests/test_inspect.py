@@ -13,7 +13,8 @@ import pytest
 from peft import LoraConfig
 
 from moe_finetune.errors import LoraTargetError, RecipeError
-from moe_finetune.inspect import CATEGORIES, SHIPPED_CONFIGS, InspectReport, inspect_model, load_config
+from moe_finetune.inspect import CATEGORIES, InspectReport, inspect_model
+from moe_finetune.models.configs import SHIPPED_CONFIGS, load_config
 
 B = 1e9
 

@@ -10,7 +10,7 @@ import transformers
 from moe_finetune.errors import LoraTargetError
 from moe_finetune.models.families import get_family
 from moe_finetune.models.lora import apply_lora, build_lora_config, check_targets
-from moe_finetune.recipe import LoraSection
+from moe_finetune.sections import LoraSection
 
 MIXTRAL = get_family("mixtral")
 

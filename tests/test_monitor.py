@@ -55,7 +55,7 @@ def make_trainer(
 
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
-    from moe_finetune.recipe import LoraSection
+    from moe_finetune.sections import LoraSection
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -239,11 +239,11 @@ def test_a_second_run_in_the_same_directory_starts_routing_jsonl_over(tiny_mixtr
 
 
 def test_a_resumed_run_drops_the_lines_written_after_its_checkpoint(tmp_path):
-    from moe_finetune.callbacks.monitor import _drop_records_after
+    from moe_finetune.rundir import keep_records_up_to
 
     path = tmp_path / ROUTING_FILE
     path.write_text("".join(json.dumps({"step": step}) + "\n" for step in (10, 20, 30)) + '{"step": 4')
-    _drop_records_after(path, 20)  # resuming from checkpoint-20; the last line was cut by the crash
+    keep_records_up_to(path, 20)  # resuming from checkpoint-20; the last line was cut by the crash
     assert [record["step"] for record in read_routing(tmp_path)] == [10, 20]
 
 
@@ -269,9 +269,9 @@ _RANK_SCRIPT = textwrap.dedent(
     class Recording(RoutingMonitor):
         local = []
 
-        def collect(self, state, control, **kwargs):
+        def close_window(self, state, control, **kwargs):
             self.local.append(self.capture.sums.tokens.amax().item())  # before the all-reduce
-            super().collect(state, control, **kwargs)
+            super().close_window(state, control, **kwargs)
 
     # different data on each rank, so the local sums really differ
     trainer = helpers.make_trainer(

@@ -31,7 +31,7 @@ def test_defaults_follow_the_field_moe_advice(recipe_factory) -> None:
     recipe = load_recipe(path)
     assert recipe.training_args()["learning_rate"] == DEFAULT_LEARNING_RATE
     assert recipe.lora.attention and recipe.lora.experts and not recipe.lora.router
-    assert recipe.guards.enabled and recipe.guards.monitor
+    assert recipe.guards.enabled and recipe.monitor.enabled
     assert recipe.guards.cut_drop == pytest.approx(0.10)
     assert recipe.guards.max_load_ratio == pytest.approx(3.0)
 

@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from moe_finetune.inspect import InspectReport, _fmt_count, _fmt_gib, inspect_model, load_config
+from moe_finetune.inspect import InspectReport, _fmt_count, _fmt_gib, inspect_model
+from moe_finetune.models.configs import load_config, meta_model
 from moe_finetune.models.families import family_for_config
 from moe_finetune.models.lora import build_lora_config
 from moe_finetune.models.tiny import is_tiny_name
-from moe_finetune.recipe import DEFAULT_LEARNING_RATE, LoraSection, load_recipe, recipe_warnings
-from moe_finetune.validate import meta_model, model_config_for, validate_recipe
+from moe_finetune.recipe import DEFAULT_LEARNING_RATE, load_recipe, recipe_warnings
+from moe_finetune.sections import LoraSection
+from moe_finetune.validate import recipe_model_config, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO / "recipes"
@@ -131,7 +133,7 @@ def test_real_recipe_follows_the_field_defaults(path: Path):
     assert training["bf16"] is True
     assert training["logging_steps"] == 10 and training["save_steps"] > 0
     assert training["report_to"] == "none"
-    assert recipe.guards.enabled and recipe.guards.monitor
+    assert recipe.guards.enabled and recipe.monitor.enabled
     assert recipe.data.min_examples >= 10_000
     assert recipe.data.path == "../data/instructions.jsonl.gz"
     assert recipe.output_dir == f"runs/{path.stem}"
@@ -228,7 +230,7 @@ def test_accelerate_config_loads_and_names_real_mixtral_classes(path: Path):
     for launched in re.findall(r"train (recipes/\S+\.yaml)", header):
         assert (REPO / launched).is_file(), launched
 
-    model = meta_model(model_config_for(load_recipe(RECIPES_DIR / "mixtral-8x7b-multi-gpu.yaml")))
+    model = meta_model(recipe_model_config(load_recipe(RECIPES_DIR / "mixtral-8x7b-multi-gpu.yaml")))
     classes = {type(m).__name__ for m in model.modules()}
     if config.distributed_type == "FSDP":
         fsdp = config.fsdp_config

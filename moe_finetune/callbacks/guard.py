@@ -1,6 +1,6 @@
 """EntropyGuard: turn GuardPolicy's decisions into learning-rate cuts and clean halts in a Trainer.
 
-The policy (`callbacks/policy.py`) decides from numbers alone; this adapter only acts:
+The policy (`routing/policy.py`) decides from numbers alone; this adapter only acts:
 
 - a cut multiplies the optimizer's learning rate *and* the scheduler's base rates by the factor,
   so every schedule the Trainer offers (LambdaLR-based linear, cosine, constant-with-warmup, ...)
@@ -16,7 +16,6 @@ takes the same decision at the same step; only rank 0 writes files.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -25,12 +24,11 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from moe_finetune.callbacks.monitor import json_safe
-from moe_finetune.callbacks.policy import GuardAction, GuardConfig, GuardPolicy, RoutingSnapshot
+from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot
+from moe_finetune.rundir import EVENTS_FILE, REPORT_FILE, append_jsonl, checkpoint_steps
+from moe_finetune.sections import GuardConfig
 
 ACTION_CODES = {"none": 0, "cut_lr": 1, "halt": 2}
-EVENTS_FILE = "guard_events.jsonl"
-REPORT_FILE = "collapse_report.md"
 
 
 def unwrap_scheduler(scheduler: Any) -> Any:
@@ -75,14 +73,13 @@ def snapshot_from_metrics(step: int, metrics: Any) -> RoutingSnapshot:
         load_share=[[float(v) for v in row] for row in metrics.load_share],
         finite=bool(metrics.finite),
         layer_names=list(metrics.layer_names),
+        dead_threshold=float(metrics.dead_threshold),
     )
 
 
 def append_event(output_dir: Path, event: dict[str, Any]) -> None:
-    """One JSON object per line; non-finite numbers become null so every line is valid JSON."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / EVENTS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(json_safe(event)) + "\n")
+    """One guard event as one line of guard_events.jsonl."""
+    append_jsonl(output_dir / EVENTS_FILE, event)
 
 
 class EntropyGuard(TrainerCallback, ExportableState):
@@ -152,9 +149,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
         if halt_step is not None:
             # The run halted here before: a fresh guard episode, judged against a new baseline.
-            fresh = GuardPolicy(self.config)
-            fresh.last_step = self.policy.last_step
-            self.policy = fresh
+            self.policy.restart_episode()
             self._record(
                 "resume_after_halt",
                 f"resumed after the halt at step {halt_step}: routing baseline re-measured, cut budget reset",
@@ -291,11 +286,7 @@ def checkpoint_before_trouble(output_dir: Path, events: list[dict[str, Any]]) ->
     if not trouble:
         return None
     first = min(trouble)
-    steps = []
-    for path in output_dir.glob("checkpoint-*"):
-        suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and int(suffix) < first and path.is_dir():
-            steps.append(int(suffix))
+    steps = [step for step in checkpoint_steps(output_dir, complete_only=False) if step < first]
     return output_dir / f"checkpoint-{max(steps)}" if steps else None
 
 

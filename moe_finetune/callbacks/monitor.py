@@ -23,27 +23,25 @@ step, learning rate, loss, pooled metrics, drift, and per layer entropy, load[E]
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from moe_finetune.routing.capture import Drift, ProbeResult, RoutingCapture, compare_probes
+from moe_finetune.routing.capture import RoutingCapture
 from moe_finetune.routing.metrics import RoutingMetrics, summarise
+from moe_finetune.routing.probe import Drift, ProbeResult, compare_probes, probe_routing, take_probe_batch
+from moe_finetune.rundir import ROUTING_FILE, append_jsonl, json_safe, keep_records_up_to
 
-ROUTING_FILE = "routing.jsonl"
 Listener = Callable[[int, RoutingMetrics, Any, Any], None]
 Echo = Callable[[str], None]
 
 # Set on the model while a monitor runs, so other callbacks (EntropyGuard) can find it.
 MONITOR_ATTRIBUTE = "_moe_finetune_monitor"
-_ATTACHED_MARK = "_moe_finetune_attached"
 
 _BARE_WARNING = (
     "RoutingMonitor was passed to the Trainer directly: routing/* metrics reach trainer.state.log_history "
@@ -53,46 +51,8 @@ _BARE_WARNING = (
 )
 
 
-def json_safe(value: Any) -> Any:
-    """JSON has no nan/inf: a layer that routed nothing (or a broken router) becomes null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    return value
-
-
 def _short_layer_name(name: str) -> str:
     return name.removeprefix("model.")
-
-
-def take_probe_batch(dataloader: Any, size: int) -> dict[str, torch.Tensor] | None:
-    """The first `size` training rows, collated exactly as training batches are.
-
-    Read from the dataloader's dataset through its collate_fn rather than by iterating the loader:
-    iterating would draw from the samplers' random state and change the training data order.
-    """
-    if dataloader is None or size <= 0:
-        return None
-    dataset = getattr(dataloader, "dataset", None)
-    collate = getattr(dataloader, "collate_fn", None)
-    rows: list[Any] = []
-    if dataset is not None and collate is not None:
-        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-            rows = [dataset[i] for i in range(min(size, len(dataset)))]
-        else:  # an IterableDataset: the first rows of a fresh iterator
-            for row in dataset:
-                rows.append(row)
-                if len(rows) >= size:
-                    break
-    if not rows:
-        return None
-    batch = collate(rows)
-    if not isinstance(batch, Mapping):
-        return None
-    return {key: value for key, value in batch.items() if isinstance(value, torch.Tensor)}
 
 
 class RoutingMonitor(TrainerCallback):
@@ -200,7 +160,7 @@ class RoutingMonitor(TrainerCallback):
         if self.output_dir is None:
             self.output_dir = Path(args.output_dir)
         if self._is_main:
-            _drop_records_after(self.routing_file, int(state.global_step))
+            keep_records_up_to(self.routing_file, int(state.global_step))
         self._model = model
         self.capture = RoutingCapture(model, capacity_factor=self.capacity_factor, train_only=True)
         setattr(model, MONITOR_ATTRIBUTE, self)
@@ -210,16 +170,16 @@ class RoutingMonitor(TrainerCallback):
                 self._probe_batch = take_probe_batch(train_dataloader, self.probe_size)
                 self._probe_chunk = int(getattr(args, "per_device_train_batch_size", 0) or 0) or None
                 if self._probe_batch is not None:
-                    self._probe_start = self.capture.probe(self._probe_batch, self._probe_chunk)
+                    self._probe_start = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
             except Exception as err:  # drift is optional: never fail a training run over the probe
                 warnings.warn(f"RoutingMonitor: no probe batch, routing/drift is off ({err})", stacklevel=2)
                 self._probe_batch, self._probe_start = None, None
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.capture is None or not _is_logging_step(args, state, control):
-            return control
-        self.collect(state, control, args=args, optimizer=kwargs.get("optimizer"))
+        # DefaultFlowCallback (always first in the Trainer's list) has decided should_log by now.
+        if self.capture is not None and control.should_log:
+            self.close_window(state, control, optimizer=kwargs.get("optimizer"))
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -249,7 +209,7 @@ class RoutingMonitor(TrainerCallback):
 
     # ------------------------------------------------------------------ the logging step
 
-    def collect(self, state: Any, control: Any, *, args: Any = None, optimizer: Any = None) -> None:
+    def close_window(self, state: Any, control: Any, *, optimizer: Any = None) -> None:
         """Reduce, summarise and reset the sums of this logging window; notify the listeners."""
         assert self.capture is not None
         sums = self.capture.sums
@@ -280,7 +240,7 @@ class RoutingMonitor(TrainerCallback):
         if not due:
             return None
         self._last_drift_step = step
-        drift = compare_probes(self._probe_start, self.capture.probe(self._probe_batch, self._probe_chunk))
+        drift = compare_probes(self._probe_start, probe_routing(self.capture, self._probe_batch, self._probe_chunk))
         self.latest_drift = _mean_over_ranks(drift, self.capture.device)
         return self.latest_drift
 
@@ -313,11 +273,8 @@ class RoutingMonitor(TrainerCallback):
     def _write_record(self) -> None:
         record, self._pending_record = json_safe(self._pending_record), None
         self.history.append(record)
-        path = self.routing_file
-        if self._is_main and path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        if self._is_main and self.routing_file is not None:
+            append_jsonl(self.routing_file, record)
 
     def _release(self) -> None:
         if self.capture is not None:
@@ -326,22 +283,6 @@ class RoutingMonitor(TrainerCallback):
         if self._model is not None and getattr(self._model, MONITOR_ATTRIBUTE, None) is self:
             delattr(self._model, MONITOR_ATTRIBUTE)
         self._model = None
-
-
-def _drop_records_after(path: Path | None, step: int) -> None:
-    """Keep routing.jsonl consistent with the run: a resumed run continues after its checkpoint's
-    step, so lines written past it (by the attempt that crashed) would repeat; a fresh run (step 0)
-    in a reused directory starts the file over."""
-    if path is None or not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _world_size() -> int:
@@ -366,44 +307,3 @@ def _mean_over_ranks(drift: Drift, device: torch.device) -> Drift:
 
 def _fmt_count(value: float) -> str:
     return "-" if not math.isfinite(value) else str(int(value))
-
-
-def _is_logging_step(args: Any, state: Any, control: Any) -> bool:
-    """DefaultFlowCallback (first in the list) has set should_log; recompute it if we run earlier."""
-    if control.should_log:
-        return True
-    strategy = str(getattr(args, "logging_strategy", "steps"))
-    steps = getattr(state, "logging_steps", 0) or getattr(args, "logging_steps", 0)
-    if strategy.endswith("steps") and steps and state.global_step % steps == 0:
-        return True
-    return bool(getattr(args, "logging_first_step", False) and state.global_step == 1)
-
-
-def attach(trainer: Any, *callbacks: Any) -> Any:
-    """Register `callbacks` on `trainer` and send their metrics through the Trainer's own log.
-
-    Wraps `trainer.log` once: before each log, every registered callback with a `pop_log()` method
-    (RoutingMonitor, EntropyGuard, ...) hands over its queued metrics, which then land in the same
-    `state.log_history` entry as the loss and reach every `report_to` logger. Returns the trainer.
-    """
-    for callback in callbacks:
-        trainer.add_callback(callback)
-    if not getattr(trainer.log, _ATTACHED_MARK, False):
-        original = trainer.log
-
-        @functools.wraps(original)
-        def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
-            for callback in _callbacks_of(trainer):
-                pop = getattr(callback, "pop_log", None)
-                if callable(pop):
-                    logs.update(pop())
-            return original(logs, *args, **kwargs)
-
-        setattr(log, _ATTACHED_MARK, True)
-        trainer.log = log
-    return trainer
-
-
-def _callbacks_of(trainer: Any) -> Iterable[Any]:
-    handler = getattr(trainer, "callback_handler", None)
-    return list(getattr(handler, "callbacks", []))

@@ -8,6 +8,7 @@ is adding one entry to `FAMILIES` (facts per family: ../shared/research/families
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -235,6 +236,17 @@ FAMILIES: dict[str, FamilySpec] = {
     )
 }
 
+# Config attributes that name the number of routed experts and the experts chosen per token, in
+# every family we know and the common ones we do not (for `inspect` on an unknown architecture).
+NUM_EXPERTS_ATTRS: tuple[str, ...] = tuple(
+    dict.fromkeys([a for spec in FAMILIES.values() for a in spec.num_experts_attrs] + ["moe_num_experts"])
+)
+TOP_K_ATTRS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        [spec.top_k_attr for spec in FAMILIES.values()] + ["moe_k", "moe_top_k", "num_experts_per_token", "top_k"]
+    )
+)
+
 # Names users may type for a family, besides its canonical name.
 _ALIASES = {
     "qwen2-moe": "qwen2_moe",
@@ -281,3 +293,68 @@ def family_for_model(model: Any) -> FamilySpec:
 def tiny_config_kwargs(spec: FamilySpec, vocab_size: int) -> dict[str, Any]:
     """Keyword arguments for a tiny random config of this family with the given vocabulary."""
     return {**_TINY_BASE, "vocab_size": vocab_size, **spec.tiny_config}
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding a family's routers in a model, whatever wraps it
+
+# Name segments that wrappers insert between a model and its modules: prefixes (PEFT, DDP,
+# torch.compile) and suffixes (PEFT's ModulesToSaveWrapper keeps `original_module` and
+# `modules_to_save.<adapter>` copies of a trainable module; LoRA layers hold a `base_layer`).
+_WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
+_WRAPPER_SUFFIX = re.compile(r"\.(original_module|modules_to_save\.[^.]+|base_layer)$")
+
+
+def strip_wrapper_names(name: str, prefixes: bool = True) -> str:
+    """`base_model.model.model.layers.0.mlp.gate.original_module` -> `model.layers.0.mlp.gate`.
+
+    With `prefixes=False` only the wrapper suffixes go, so the name stays in the wrapped model's own
+    namespace (what `named_parameters()` of that same model uses).
+    """
+    changed = True
+    while changed:
+        changed = False
+        if prefixes:
+            for prefix in _WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix) :], True
+        stripped = _WRAPPER_SUFFIX.sub("", name)
+        if stripped != name:
+            name, changed = stripped, True
+    return name
+
+
+def find_routers(model: Any, family: FamilySpec, canonical: bool = True) -> tuple[list[str], list[list[Any]]]:
+    """Router layers in execution order: their names and, per layer, the router modules.
+
+    Routers are found by class name from the family table, so a PEFT-wrapped, DDP-wrapped or
+    compiled model works too. A layer has more than one module when PEFT keeps an original and a
+    trainable copy of the router (`modules_to_save`): only the active one runs, and both feed the
+    same layer slot. `canonical=True` names layers as the bare model would (`model.layers.0.mlp.gate`);
+    False keeps the wrapper's prefixes (the names `model.named_parameters()` uses).
+    """
+    names: list[str] = []
+    modules: list[list[Any]] = []
+    for name, module in model.named_modules():
+        if type(module).__name__ not in family.router_classes:
+            continue
+        key = strip_wrapper_names(name, prefixes=canonical)
+        if key in names:
+            modules[names.index(key)].append(module)
+        else:
+            names.append(key)
+            modules.append([module])
+    return names, modules
+
+
+def unwrap_model(model: Any) -> Any:
+    """The transformers model inside DDP / DataParallel / FSDP / DeepSpeed / torch.compile / PEFT wrappers."""
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = model
+    for _ in range(4):  # wrappers nest a few levels at most (DDP around PEFT around the model)
+        inner = extract_model_from_parallel(inner, keep_torch_compile=False)
+        if not callable(getattr(inner, "get_base_model", None)):
+            break
+        inner = inner.get_base_model()
+    return inner

@@ -12,29 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from moe_finetune.errors import LoraTargetError
-from moe_finetune.models.families import FamilySpec
-from moe_finetune.recipe import LoraSection
+from moe_finetune.models.families import FamilySpec, find_routers
+from moe_finetune.sections import LoraSection
 
 
 def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def router_module_names(model: Any, spec: FamilySpec) -> list[str]:
-    """Full names of the router modules, in layer order (the family table says their classes).
-
-    A trainable router is wrapped by PEFT's ModulesToSaveWrapper, which holds two copies of it
-    (`original_module` and `modules_to_save.<adapter>`); both count as the one router at the
-    wrapper's name.
-    """
-    names: list[str] = []
-    for name, module in model.named_modules():
-        if type(module).__name__ not in spec.router_classes:
-            continue
-        name = name.split(".original_module")[0].split(".modules_to_save.")[0]
-        if name not in names:
-            names.append(name)
-    return names
+def router_module_names(model: Any, family: FamilySpec) -> list[str]:
+    """Full names of the router modules in `model`'s own namespace, in layer order (a PEFT
+    ModulesToSaveWrapper's two copies count as the one router at the wrapper's name)."""
+    return find_routers(model, family, canonical=False)[0]
 
 
 def attention_targets(lora: LoraSection, spec: FamilySpec, model: Any = None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Routing telemetry: hooks that watch every router (capture) and pure metrics over what they saw.
+"""Routing telemetry and judgement: hooks that watch every router (capture), pure metrics over what they
+saw, the drift probe, and the guard's pure policy (policy, reasons).
 
 from moe_finetune.routing import capture_routing
 with capture_routing(model) as cap:
@@ -6,14 +7,7 @@ with capture_routing(model) as cap:
 stats = cap.stats()   # RoutingMetrics: per-layer entropy, load (L x E), aux loss, z-loss, drop fraction
 """
 
-from moe_finetune.routing.capture import (
-    Drift,
-    ProbeResult,
-    RoutingCapture,
-    capture_routing,
-    compare_probes,
-    find_routers,
-)
+from moe_finetune.routing.capture import RoutingCapture, capture_routing
 from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
@@ -33,19 +27,24 @@ from moe_finetune.routing.metrics import (
     topk_set_change,
     z_loss,
 )
+from moe_finetune.routing.policy import GuardAction, GuardPolicy, GuardState, RoutingSnapshot
+from moe_finetune.routing.probe import Drift, ProbeResult, compare_probes, probe_routing
 
 __all__ = [
     "Drift",
+    "GuardAction",
+    "GuardPolicy",
+    "GuardState",
     "ProbeResult",
     "RoutingCapture",
     "RoutingMetrics",
+    "RoutingSnapshot",
     "RoutingSums",
     "aux_loss",
     "capture_routing",
     "compare_probes",
     "dead_experts",
     "drop_fraction",
-    "find_routers",
     "js_divergence",
     "layer_aux_loss",
     "load_cv",
@@ -54,6 +53,7 @@ __all__ = [
     "normalised_entropy",
     "overflow_assignments",
     "prob_share",
+    "probe_routing",
     "summarise",
     "token_entropy",
     "topk_set_change",

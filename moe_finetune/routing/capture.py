@@ -25,71 +25,28 @@ What a hook sees and why it is read the way it is (facts: shared/research/famili
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from moe_finetune.errors import UnknownFamilyError
-from moe_finetune.models.families import FamilySpec, family_for_model
+from moe_finetune.models.families import family_for_model, find_routers, unwrap_model
 from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
-    js_divergence,
-    load_share,
     overflow_assignments,
     summarise,
     token_entropy,
-    topk_set_change,
 )
-
-# Name segments that wrappers insert between a model and its router; stripped so that a layer keeps
-# one name whether the model is bare, PEFT-wrapped (with or without a trainable router copy),
-# DDP-wrapped or compiled.
-_WRAPPER_PREFIXES = ("base_model.model.", "module.", "_orig_mod.")
-_WRAPPER_SUFFIX = re.compile(r"\.(original_module|modules_to_save\.[^.]+|base_layer)$")
-
-# Keyword arguments of a backbone forward that the probe passes on (labels would only add a loss).
-_PROBE_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
 
 
 def is_recompute() -> bool:
     """True inside backward, i.e. when gradient checkpointing re-runs a forward (both reentrant modes)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def canonical_router_name(name: str) -> str:
-    """`base_model.model.model.layers.0.mlp.gate.original_module` -> `model.layers.0.mlp.gate`."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-        stripped = _WRAPPER_SUFFIX.sub("", name)
-        if stripped != name:
-            name, changed = stripped, True
-    return name
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside DDP / DataParallel / torch.compile / PEFT wrappers."""
-    inner = model
-    for _ in range(8):  # wrappers nest a few levels at most
-        if isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            inner = inner.module
-        elif isinstance(getattr(inner, "_orig_mod", None), nn.Module):
-            inner = inner._orig_mod
-        elif callable(getattr(inner, "get_base_model", None)):
-            inner = inner.get_base_model()
-        else:
-            break
-    return inner
 
 
 def find_backbone(model: nn.Module) -> nn.Module:
@@ -104,26 +61,6 @@ def find_backbone(model: nn.Module) -> nn.Module:
     return backbone if isinstance(backbone, nn.Module) else inner
 
 
-def find_routers(model: nn.Module, spec: FamilySpec) -> tuple[list[str], list[list[nn.Module]]]:
-    """Router layers in execution order: their canonical names and, per layer, the router modules.
-
-    A layer has more than one module when PEFT keeps an original and a trainable copy of the
-    router (`modules_to_save`): only the active one runs, and both feed the same layer slot.
-    """
-    names: list[str] = []
-    modules: list[list[nn.Module]] = []
-    for name, module in model.named_modules():
-        if type(module).__name__ not in spec.router_classes:
-            continue
-        key = canonical_router_name(name)
-        if key in names:
-            modules[names.index(key)].append(module)
-        else:
-            names.append(key)
-            modules.append([module])
-    return names, modules
-
-
 def _module_device(module: nn.Module, fallback: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers(), *fallback.parameters()):
         return tensor.device
@@ -133,48 +70,6 @@ def _module_device(module: nn.Module, fallback: nn.Module) -> torch.device:
 def _sums_dtype(device: torch.device) -> torch.dtype:
     # float64 keeps the counts exact over long logging windows; MPS has no float64
     return torch.float32 if device.type == "mps" else torch.float64
-
-
-@dataclass
-class ProbeResult:
-    """What every router chose for a fixed probe batch (no gradient, eval mode, not in the sums)."""
-
-    topk: torch.Tensor  # (L, N, k) expert indices chosen per layer and token (N = B*T rows)
-    counts: torch.Tensor  # (L, E) top-k assignments over the real tokens
-    valid: torch.Tensor | None  # (N,) bool, False for padding; None = every row is real
-
-    def load_share(self) -> torch.Tensor:
-        """(L, E) fraction of the probe's top-k assignments per expert."""
-        return load_share(self.counts)
-
-
-@dataclass
-class Drift:
-    """How far routing moved between two probes of the same batch."""
-
-    topk_change: float  # share of (layer, real token) whose top-k expert set changed
-    load_js: float  # mean over layers of the JS divergence (bits) between the probes' load shares
-    layer_topk_change: list[float]  # (L,)
-    layer_load_js: list[float]  # (L,)
-
-
-def compare_probes(start: ProbeResult, now: ProbeResult) -> Drift:
-    """Drift of `now` against `start` (same batch): top-k set changes and load JS divergence."""
-    valid = start.valid
-    per_layer = [
-        topk_set_change(start.topk[i : i + 1], now.topk[i : i + 1], valid) for i in range(start.topk.shape[0])
-    ]
-    layer_js = js_divergence(start.load_share(), now.load_share())  # (L,)
-    pooled = topk_set_change(start.topk, now.topk, valid)
-    host = torch.cat([pooled.reshape(1), layer_js.nanmean().reshape(1), torch.stack(per_layer), layer_js])
-    values = host.double().cpu().tolist()  # the one host sync of a drift measurement
-    num_layers = len(per_layer)
-    return Drift(
-        topk_change=values[0],
-        load_js=values[1],
-        layer_topk_change=values[2 : 2 + num_layers],
-        layer_load_js=values[2 + num_layers :],
-    )
 
 
 class RoutingCapture:
@@ -203,7 +98,7 @@ class RoutingCapture:
                 "If the model uses a hub kernel that replaces its MoE forward, or a newer modeling file, add its "
                 "router class to the family's FamilySpec in moe_finetune/models/families.py"
             )
-        self._backbone = find_backbone(model)
+        self.backbone = find_backbone(model)
         self.device = _module_device(self._layer_modules[0][0], model)
         self.sums = RoutingSums.zeros(
             len(self.layer_names),
@@ -232,9 +127,9 @@ class RoutingCapture:
 
     def _install(self) -> None:
         self._handles.append(
-            self._backbone.register_forward_pre_hook(self._on_backbone_start, with_kwargs=True)
+            self.backbone.register_forward_pre_hook(self._on_backbone_start, with_kwargs=True)
         )
-        self._handles.append(self._backbone.register_forward_hook(self._on_backbone_end, always_call=True))
+        self._handles.append(self.backbone.register_forward_hook(self._on_backbone_end, always_call=True))
         for layer, modules in enumerate(self._layer_modules):
             for module in modules:
                 self._handles.append(module.register_forward_hook(self._router_hook(layer)))
@@ -275,67 +170,23 @@ class RoutingCapture:
         for name in ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum", "overflow"):
             getattr(self.sums, name).copy_(getattr(sums, name))
 
-    # ------------------------------------------------------------------ the probe (for drift)
+    # ------------------------------------------------------------------ recording choices (the drift probe)
 
-    @torch.no_grad()
-    def probe(self, batch: Mapping[str, Any], chunk_rows: int | None = None) -> ProbeResult:
-        """Route a fixed batch through the model and return what every router chose.
+    @contextmanager
+    def recording_choices(self) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Inside the block, router forwards record what they chose instead of adding to the sums.
 
-        Runs the backbone only (no LM head, no loss), without gradient and in eval mode (Mixtral's
-        router jitter and other train-time noise off), then restores each module's own mode. The
-        running sums are untouched, so a probe can run in the middle of a logging window.
-        `chunk_rows` splits the batch into forwards of at most that many sequences: with the
-        training batch size, a probe never needs more memory than a training step does.
+        Yields a dict filled per layer with (chosen experts (N, k), top-k assignments per expert (E,))
+        over the real rows; the running sums are untouched, so routing/probe.py can re-route a fixed
+        batch in the middle of a logging window.
         """
         if not self.active:
-            raise RuntimeError("the capture's hooks were removed; a probe needs them installed")
-        inputs = {
-            key: value.to(self.device) if isinstance(value, torch.Tensor) else value
-            for key, value in batch.items()
-            if key in _PROBE_INPUTS and value is not None
-        }
-        if "input_ids" not in inputs and "inputs_embeds" not in inputs:
-            raise ValueError(f"a probe batch needs input_ids or inputs_embeds; got keys {sorted(batch)}")
-        rows = next(v for k, v in inputs.items() if k in ("input_ids", "inputs_embeds")).shape[0]
-        step = rows if not chunk_rows or chunk_rows <= 0 else chunk_rows
-        chunks = [
-            {k: v[start : start + step] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            for start in range(0, rows, step)
-        ]
-        modes = [(module, module.training) for module in self.model.modules()]
-        topk_parts: list[list[torch.Tensor]] = [[] for _ in range(self.num_layers)]
-        counts = torch.zeros(self.num_layers, self.num_experts, device=self.device)
+            raise RuntimeError("the capture's hooks were removed; recording needs them installed")
+        self._probe = {}
         try:
-            self.model.eval()
-            for chunk in chunks:
-                self._probe = {}
-                self._backbone(**chunk, use_cache=False)
-                missing = [self.layer_names[i] for i in range(self.num_layers) if i not in self._probe]
-                if missing:
-                    raise RuntimeError(
-                        f"the probe forward did not reach {len(missing)} router(s), first {missing[0]}"
-                    )
-                for layer, (chosen, layer_counts) in self._probe.items():
-                    topk_parts[layer].append(chosen)
-                    counts[layer] += layer_counts.to(self.device)
+            yield self._probe
         finally:
             self._probe = None
-            for module, training in modes:
-                module.training = training
-        # chunks split the batch dimension, so concatenated rows keep the row-major b*T+t order
-        topk = torch.stack([torch.cat(parts) for parts in topk_parts])  # (L, N, k)
-        valid = self._keep_for(topk.shape[1], inputs)
-        return ProbeResult(topk=topk, counts=counts, valid=valid)
-
-    def _keep_for(self, rows: int, inputs: Mapping[str, Any]) -> torch.Tensor | None:
-        mask = inputs.get("attention_mask")
-        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-            return None
-        length = _input_length(inputs, ())
-        if length is None:
-            return None
-        keep = mask[:, -length:].reshape(-1).bool()
-        return keep if keep.numel() == rows else None
 
     # ------------------------------------------------------------------ hooks
 
@@ -343,7 +194,7 @@ class RoutingCapture:
         if is_recompute():
             return
         mask = kwargs.get("attention_mask")
-        length = _input_length(kwargs, args)
+        length = input_length(kwargs, args)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and length is not None:
             self._keep = mask[:, -length:].reshape(-1).bool()  # (B*T,), row-major like the routers' rows
         else:
@@ -444,7 +295,7 @@ class RoutingCapture:
         sums.overflow[layer].add_(overflow.to(self.device))
 
 
-def _input_length(kwargs: Mapping[str, Any], args: tuple) -> int | None:
+def input_length(kwargs: Mapping[str, Any], args: tuple) -> int | None:
     """T, the number of new positions in this forward, from input_ids or inputs_embeds."""
     ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], torch.Tensor):

@@ -334,6 +334,7 @@ class RoutingMetrics:
     finite: bool  # every running sum is finite
     tokens: int  # tokens routed per layer (the most any layer saw)
     capacity_factor: float  # the capacity factor the overflow was counted at (recorded, not recomputed)
+    dead_threshold: float = 0.1  # the line (x uniform) below which an expert counted as dead
 
     def pooled(self) -> dict[str, float]:
         """The values sent to the Trainer's loggers (routing/drift is added by the caller)."""
@@ -412,4 +413,9 @@ def summarise(
     values["dead_experts"] = int(values["dead_experts"])
     values["finite"] = bool(values["finite"])
     values["tokens"] = int(values["tokens"]) if math.isfinite(values["tokens"]) else 0
-    return RoutingMetrics(layer_names=list(sums.layer_names), capacity_factor=capacity_factor, **values)
+    return RoutingMetrics(
+        layer_names=list(sums.layer_names),
+        capacity_factor=capacity_factor,
+        dead_threshold=dead_threshold,
+        **values,
+    )

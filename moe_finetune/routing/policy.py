@@ -1,0 +1,477 @@
+"""GuardPolicy: the routing-health state machine behind EntropyGuard (pure: numbers in, action out).
+
+At every logging step the adapter hands the policy a `RoutingSnapshot` (pooled and per-layer normalised
+routing entropy, per-layer expert load shares) and the learning rate a cut would scale; the policy answers
+with a `GuardAction`: do nothing, cut the learning rate by a factor, or halt. It knows nothing about
+Trainers, optimizers or tensors (no torch, no transformers: a test imports it with both blocked), so it is
+tested with lists of numbers and reused by hand-written loops.
+
+Shaped like Lightning's EarlyStopping: a small `GuardState` dataclass (whose `state_dict` is derived from
+its fields, so nothing is listed twice), one `decide` whose checks return `Finding`s (facts: which check,
+with which numbers), and one place, `routing/reasons.py`, that turns a finding into the sentence a user
+reads. The checks, in order:
+
+1. non-finite router output                         -> halt
+2. absolute threshold: entropy floor                -> halt
+3. baseline: the first `baseline_steps` snapshots are averaged; nothing relative is judged before that
+4. expert load over its limit; a quarter of a layer's experts dead for `dead_patience` checks -> halt
+5. relative thresholds: entropy `halt_drop` / `halt_layer_drop` below baseline -> halt
+6. entropy `cut_drop` / `cut_layer_drop` below baseline -> cut the LR (then `cooldown` windows of grace),
+   or halt when no cut is left (`max_cuts` used, or the LR already at `min_lr`)
+
+"Drop" is (baseline - value) / baseline. The defaults are DESIGN.md section 5: our own proposals, not
+published constants.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from moe_finetune.routing import reasons
+from moe_finetune.sections import GuardConfig
+
+# A drop of exactly 10% computed in floats is 0.0999...; a threshold compares with this much slack.
+_SLACK = 1e-9
+
+ActionKind = Literal["none", "cut_lr", "halt"]
+
+
+@dataclass(frozen=True)
+class RoutingSnapshot:
+    """Routing health at one logging step, already reduced across ranks."""
+
+    step: int
+    entropy: float  # pooled normalised routing entropy, 0..1 (mean over MoE layers)
+    layer_entropy: list[float]  # (L,) normalised routing entropy per MoE layer
+    load_share: list[list[float]]  # (L, E) fraction of top-k assignments per expert; rows sum to 1
+    finite: bool = True  # False when the router logits themselves held NaN/inf
+    layer_names: list[str] | None = None  # (L,) router module names, for the reason sentences
+    # An expert is dead below this multiple of uniform: the monitor's own line, so the guard and
+    # routing/dead_experts agree (monitor.dead_threshold in a recipe).
+    dead_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        layers = len(self.layer_entropy)
+        if self.load_share and len(self.load_share) != layers:
+            raise ValueError(
+                f"snapshot at step {self.step}: load_share has {len(self.load_share)} layers but "
+                f"layer_entropy has {layers}"
+            )
+        if self.layer_names is not None and len(self.layer_names) != layers:
+            raise ValueError(
+                f"snapshot at step {self.step}: layer_names has {len(self.layer_names)} names but "
+                f"layer_entropy has {layers} layers"
+            )
+
+    def layer_label(self, layer: int) -> str:
+        """How a sentence names a layer: its router's module name when known."""
+        return f"layer {self.layer_names[layer]}" if self.layer_names is not None else f"layer {layer}"
+
+
+@dataclass(frozen=True)
+class GuardAction:
+    """What the adapter should do: nothing, multiply the learning rate by `factor`, or halt training."""
+
+    kind: ActionKind
+    reason: str  # one sentence with the numbers in it, naming the layers at fault
+    factor: float = 1.0  # learning-rate multiplier to apply for cut_lr (1.0 otherwise)
+    step: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: the check, layers, values
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one check: the action it calls for and the facts behind it (`facts["check"]` names it)."""
+
+    kind: ActionKind
+    facts: dict[str, Any]
+    factor: float = 1.0
+
+
+# Checkpoints written before these fields were renamed still resume.
+_LEGACY_STATE_NAMES = {"load_baseline": "baseline_top_share", "alive_baseline": "alive_at_baseline"}
+
+
+@dataclass
+class GuardState:
+    """Everything the policy remembers between logging steps; its fields are the checkpointed state."""
+
+    baseline: float | None = None  # pooled entropy at the baseline
+    layer_baseline: list[float] | None = None  # (L,) per-layer entropy at the baseline
+    baseline_samples: list[list[Any]] = field(default_factory=list)  # [pooled, [layers]] while collecting
+    load_samples: list[list[list[float]]] = field(default_factory=list)  # (L, E) shares while collecting
+    baseline_top_share: list[float] | None = None  # (L,) each layer's largest expert share at the baseline
+    alive_at_baseline: list[list[bool]] | None = None  # (L, E) experts that were alive at the baseline
+    cuts_made: int = 0
+    cooldown_left: int = 0
+    multiplier: float = 1.0  # product of the cut factors applied so far
+    dead_streaks: list[int] = field(default_factory=list)  # (L,) consecutive checks with too many dead
+    last_step: int | None = None  # a step judged once is never judged again
+    last_cut_step: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> GuardState:
+        state = {_LEGACY_STATE_NAMES.get(key, key): value for key, value in state.items()}
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise ValueError(f"guard state is missing {', '.join(missing)}; was it written by GuardPolicy?")
+        restored = cls(**{name: copy.deepcopy(state[name]) for name in names})
+        restored.baseline_samples = [[pooled, list(layers)] for pooled, layers in restored.baseline_samples]
+        return restored
+
+
+class GuardPolicy:
+    """Decides, one logging step at a time, whether routing collapse calls for an LR cut or a halt."""
+
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config if config is not None else GuardConfig()
+        self.state = GuardState()
+
+    # ------------------------------------------------------------------ read-only views of the state
+
+    @property
+    def multiplier(self) -> float:
+        """Product of all cut factors returned so far; the adapter scales the scheduler's LR by it."""
+        return self.state.multiplier
+
+    @property
+    def cuts_made(self) -> int:
+        return self.state.cuts_made
+
+    @property
+    def baseline(self) -> float | None:
+        return self.state.baseline
+
+    @property
+    def layer_baseline(self) -> list[float] | None:
+        return self.state.layer_baseline
+
+    @property
+    def last_step(self) -> int | None:
+        return self.state.last_step
+
+    @property
+    def last_cut_step(self) -> int | None:
+        return self.state.last_cut_step
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict()` returned, so a resumed run decides exactly as the original would."""
+        self.state = GuardState.from_state_dict(state)
+
+    def restart_episode(self) -> None:
+        """Forget the baseline and the cuts (after a halt the user resumed from), keep the last judged step."""
+        self.state = GuardState(last_step=self.state.last_step)
+
+    # ------------------------------------------------------------------ the decision
+
+    def set_baseline(
+        self,
+        entropy: float,
+        layer_entropy: list[float],
+        load_share: list[list[float]] | None = None,
+        dead_threshold: float = 0.1,
+    ) -> None:
+        """Set the baseline directly, e.g. from a probe batch measured before the first step."""
+        values = [entropy, *layer_entropy]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(
+                f"baseline entropy must be finite, got pooled {entropy} and layers {layer_entropy}"
+            )
+        self.state.baseline = float(entropy)
+        self.state.layer_baseline = [float(v) for v in layer_entropy]
+        self.state.baseline_samples = []
+        self._set_load_baseline([load_share] if load_share else [], dead_threshold)
+
+    def update(self, snapshot: RoutingSnapshot, current_lr: float) -> GuardAction:
+        """Judge one logging step. `current_lr` is the learning rate a cut would scale."""
+        finding = self.decide(snapshot, current_lr)
+        return GuardAction(
+            finding.kind,
+            reasons.describe(finding.facts, self.config, snapshot.step),
+            factor=finding.factor,
+            step=snapshot.step,
+            # facts whose name starts with "_" only serve the sentence
+            details={key: value for key, value in finding.facts.items() if not key.startswith("_")},
+        )
+
+    def decide(self, snapshot: RoutingSnapshot, current_lr: float) -> Finding:
+        """Run the checks in order (module docstring) and return the first one that has something to say."""
+        cfg, state, step = self.config, self.state, snapshot.step
+        if state.last_step is not None and step <= state.last_step:
+            return Finding("none", {"check": "replay", "_last_step": state.last_step})
+        if not math.isfinite(current_lr) or current_lr < 0:
+            raise ValueError(f"current_lr must be a finite number >= 0, got {current_lr}")
+        if state.layer_baseline is not None and len(snapshot.layer_entropy) != len(state.layer_baseline):
+            raise ValueError(
+                f"snapshot at step {step} has {len(snapshot.layer_entropy)} layers but the baseline has "
+                f"{len(state.layer_baseline)}"
+            )
+        state.last_step = step
+        in_cooldown = state.cooldown_left > 0
+        if in_cooldown:
+            state.cooldown_left -= 1
+
+        # 1. Non-finite first: nothing else in a NaN snapshot can be trusted.
+        bad_fields = _non_finite_fields(snapshot)
+        if bad_fields:
+            facts = {"fields": bad_fields}
+            if cfg.halt_on_nonfinite:
+                return Finding("halt", {"check": "non_finite", **facts})
+            return Finding("none", {"check": "non_finite_skipped", **facts})
+
+        # 2. The absolute floor, judged from the first step on (no baseline needed).
+        if cfg.entropy_floor is not None and snapshot.entropy < cfg.entropy_floor:
+            return Finding(
+                "halt", {"check": "entropy_floor", "entropy": snapshot.entropy, "floor": cfg.entropy_floor}
+            )
+
+        # 3. Baseline: average the first baseline_steps snapshots; judge nothing relative before that.
+        #    Load and dead experts are judged against it too: on narrow-domain data a healthy router
+        #    already favours a few experts, and only a change from that is collapse.
+        if state.baseline is None or state.layer_baseline is None:
+            return self._collect_baseline(snapshot)
+
+        # 4. Expert load over its limit; experts alive at the baseline dead for dead_patience checks.
+        dead_layers = self._update_dead_streaks(snapshot)  # streaks count every check, so before any return
+        overloaded = self._overloaded_experts(snapshot)
+        if overloaded:
+            return Finding("halt", {"check": "load_ratio", "limit": cfg.max_load_ratio, "experts": overloaded})
+        if dead_layers:
+            return Finding("halt", {"check": "dead_experts", "layers": dead_layers})
+
+        # 5. Relative thresholds: drops deep enough to halt at once.
+        halt_drop = self._drop(snapshot, cfg.halt_drop, cfg.halt_layer_drop, "halt threshold")
+        if halt_drop["at_fault"]:
+            return Finding("halt", {"check": "entropy_drop_halt", **halt_drop})
+
+        # 6. Drops that call for a cut, or a halt when no cut is left.
+        cut_drop = self._drop(snapshot, cfg.cut_drop, cfg.cut_layer_drop, "cut threshold")
+        if not cut_drop["at_fault"]:
+            return Finding(
+                "none",
+                {
+                    "check": "healthy",
+                    "entropy": snapshot.entropy,
+                    "baseline": state.baseline,
+                    "pooled_drop": cut_drop["pooled_drop"],
+                },
+            )
+        if in_cooldown:
+            return Finding(
+                "none",
+                {
+                    "check": "cooldown",
+                    "cooldown_left": state.cooldown_left,
+                    "last_cut_step": state.last_cut_step,
+                    **cut_drop,
+                },
+            )
+        at_min_lr = current_lr <= cfg.min_lr or math.isclose(current_lr, cfg.min_lr, rel_tol=1e-9)
+        if state.cuts_made >= cfg.max_cuts or at_min_lr:
+            return Finding(
+                "halt",
+                {
+                    "check": "after_last_cut",
+                    "cuts_made": state.cuts_made,
+                    "max_cuts": cfg.max_cuts,
+                    "last_cut_step": state.last_cut_step,
+                    "at_min_lr": at_min_lr,
+                    "current_lr": current_lr,
+                    **cut_drop,
+                },
+            )
+        return self._cut(step, cut_drop, current_lr)
+
+    # ------------------------------------------------------------------ the individual checks
+
+    def _collect_baseline(self, snapshot: RoutingSnapshot) -> Finding:
+        state = self.state
+        if state.baseline_samples and len(state.baseline_samples[0][1]) != len(snapshot.layer_entropy):
+            raise ValueError(
+                f"snapshot at step {snapshot.step} has {len(snapshot.layer_entropy)} layers but earlier "
+                f"baseline samples have {len(state.baseline_samples[0][1])}"
+            )
+        state.baseline_samples.append([float(snapshot.entropy), [float(v) for v in snapshot.layer_entropy]])
+        state.load_samples.append([[float(v) for v in row] for row in snapshot.load_share])
+        needed = self.config.baseline_steps
+        if len(state.baseline_samples) < needed:
+            return Finding("none", {"check": "baseline", "collected": len(state.baseline_samples), "needed": needed})
+        pooled = [p for p, _ in state.baseline_samples]
+        per_layer = list(zip(*(layers for _, layers in state.baseline_samples), strict=True))
+        state.baseline = sum(pooled) / len(pooled)
+        state.layer_baseline = [sum(values) / len(values) for values in per_layer]
+        state.baseline_samples = []
+        self._set_load_baseline(state.load_samples, snapshot.dead_threshold)
+        state.load_samples = []
+        return Finding(
+            "none",
+            {
+                "check": "baseline",
+                "needed": needed,
+                "baseline": state.baseline,
+                "layer_baseline": state.layer_baseline,
+            },
+        )
+
+    def _set_load_baseline(self, samples: list[list[list[float]]], dead_threshold: float) -> None:
+        """Average the baseline windows' load shares: per layer the largest share and the live experts."""
+        state = self.state
+        if not samples or not samples[0]:
+            state.baseline_top_share, state.alive_at_baseline = None, None
+            return
+        layers, experts = len(samples[0]), len(samples[0][0])
+        mean = [
+            [sum(s[layer][e] for s in samples) / len(samples) for e in range(experts)]
+            for layer in range(layers)
+        ]
+        state.baseline_top_share = [max(row) for row in mean]
+        state.alive_at_baseline = [[share >= dead_threshold / experts for share in row] for row in mean]
+
+    def _drop(
+        self, snapshot: RoutingSnapshot, pooled_threshold: float, layer_threshold: float, label: str
+    ) -> dict[str, Any]:
+        """The facts of a drop check: how far pooled and each layer fell below baseline, and who is at fault."""
+        state = self.state
+        assert state.baseline is not None and state.layer_baseline is not None
+        pooled_drop = _fraction_below(state.baseline, snapshot.entropy)
+        pooled_at_fault = pooled_drop >= pooled_threshold - _SLACK
+        faults = []
+        for layer, (value, base) in enumerate(zip(snapshot.layer_entropy, state.layer_baseline, strict=True)):
+            layer_drop = _fraction_below(base, value)
+            if layer_drop >= layer_threshold - _SLACK:
+                faults.append(
+                    {
+                        "layer": layer,
+                        "name": snapshot.layer_label(layer),
+                        "entropy": value,
+                        "baseline": base,
+                        "drop": layer_drop,
+                    }
+                )
+        return {
+            "label": label,
+            "pooled_threshold": pooled_threshold,
+            "layer_threshold": layer_threshold,
+            "pooled_entropy": snapshot.entropy,
+            "pooled_baseline": state.baseline,
+            "pooled_drop": pooled_drop,
+            "pooled_at_fault": pooled_at_fault,
+            "layers": faults,
+            "at_fault": pooled_at_fault or bool(faults),
+        }
+
+    def _overloaded_experts(self, snapshot: RoutingSnapshot) -> list[dict[str, Any]]:
+        over = []
+        for layer, shares in enumerate(snapshot.load_share):
+            if not shares:
+                continue
+            limit = self.config.max_load_ratio / len(shares)
+            if self.state.baseline_top_share is not None:
+                limit = max(limit, self.config.load_baseline_factor * self.state.baseline_top_share[layer])
+            for expert, share in enumerate(shares):
+                if share > limit:
+                    over.append(
+                        {
+                            "layer": layer,
+                            "name": snapshot.layer_label(layer),
+                            "expert": expert,
+                            "share": share,
+                            "ratio": share * len(shares),
+                            "limit_ratio": limit * len(shares),
+                        }
+                    )
+        return over
+
+    def _update_dead_streaks(self, snapshot: RoutingSnapshot) -> list[dict[str, Any]]:
+        """Count consecutive checks per layer with too many dead experts; return the layers out of patience."""
+        cfg, state = self.config, self.state
+        if len(state.dead_streaks) != len(snapshot.load_share):
+            state.dead_streaks = [0] * len(snapshot.load_share)
+        out_of_patience = []
+        for layer, shares in enumerate(snapshot.load_share):
+            if not shares:
+                state.dead_streaks[layer] = 0
+                continue
+            alive = state.alive_at_baseline[layer] if state.alive_at_baseline is not None else [True] * len(shares)
+            line = snapshot.dead_threshold / len(shares)
+            dead = [e for e, share in enumerate(shares) if alive[e] and share < line]
+            if dead and len(dead) / len(shares) >= cfg.dead_fraction - _SLACK:
+                state.dead_streaks[layer] += 1
+            else:
+                state.dead_streaks[layer] = 0
+            if state.dead_streaks[layer] >= cfg.dead_patience:
+                out_of_patience.append(
+                    {
+                        "layer": layer,
+                        "name": snapshot.layer_label(layer),
+                        "dead_experts": dead,
+                        "experts": len(shares),
+                        "streak": state.dead_streaks[layer],
+                        "dead_threshold": snapshot.dead_threshold,
+                    }
+                )
+        return out_of_patience
+
+    def _cut(self, step: int, drop: dict[str, Any], current_lr: float) -> Finding:
+        cfg, state = self.config, self.state
+        factor = cfg.cut_factor
+        clipped = current_lr * factor < cfg.min_lr
+        if clipped:
+            factor = cfg.min_lr / current_lr  # land exactly on min_lr, never below it
+        state.cuts_made += 1
+        state.cooldown_left = cfg.cooldown
+        state.multiplier *= factor
+        state.last_cut_step = step
+        return Finding(
+            "cut_lr",
+            {
+                "check": "entropy_drop_cut",
+                "lr_before": current_lr,
+                "lr_after": current_lr * factor,
+                "factor": factor,
+                "clipped_to_min_lr": clipped,
+                "cut": state.cuts_made,
+                "max_cuts": cfg.max_cuts,
+                **drop,
+            },
+            factor=factor,
+        )
+
+
+def _fraction_below(baseline: float, value: float) -> float:
+    """(baseline - value) / baseline; 0 when the baseline is not positive."""
+    if baseline <= 0:
+        return 0.0
+    return (baseline - value) / baseline
+
+
+def _non_finite_fields(snapshot: RoutingSnapshot) -> list[str]:
+    """Names of the snapshot's fields holding NaN/inf (a comparison with NaN is silently False)."""
+    bad = []
+    if not snapshot.finite:
+        bad.append("router logits")
+    if not math.isfinite(snapshot.entropy):
+        bad.append("pooled entropy")
+    bad_layers = [snapshot.layer_label(i) for i, v in enumerate(snapshot.layer_entropy) if not math.isfinite(v)]
+    if bad_layers:
+        bad.append("entropy of " + ", ".join(bad_layers))
+    bad_loads = [
+        snapshot.layer_label(i)
+        for i, shares in enumerate(snapshot.load_share)
+        if not all(math.isfinite(s) for s in shares)
+    ]
+    if bad_loads:
+        bad.append("load share of " + ", ".join(bad_loads))
+    return bad

@@ -1,0 +1,150 @@
+"""The sentences a user reads for each guard finding: one place that turns facts into words.
+
+The policy's checks (routing/policy.py) return facts, never prose; `describe` is the only function
+that writes a reason, so wording changes in one place and every sentence carries its numbers and
+names the layers at fault. Pure: no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from moe_finetune.sections import GuardConfig
+
+
+def describe(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    """The one-sentence reason for a finding (its `check` picks the wording)."""
+    writer = _WRITERS.get(facts["check"])
+    if writer is None:
+        raise KeyError(f"no sentence for guard check {facts['check']!r}")
+    return writer(facts, config, step)
+
+
+def drop_phrase(facts: dict[str, Any]) -> str:
+    """`pooled routing entropy 0.68 is 15% below its baseline 0.80 (cut threshold 10%) and ...`."""
+    label = facts["label"]
+    phrases = []
+    if facts["pooled_at_fault"]:
+        phrases.append(
+            f"pooled routing entropy {facts['pooled_entropy']:.2f} is {facts['pooled_drop']:.0%} below its "
+            f"baseline {facts['pooled_baseline']:.2f} ({label} {facts['pooled_threshold']:.0%})"
+        )
+    faults = facts["layers"]
+    if len(faults) == 1:
+        fault = faults[0]
+        phrases.append(
+            f"{fault['name']} routing entropy {fault['entropy']:.2f} is {fault['drop']:.0%} below its "
+            f"baseline {fault['baseline']:.2f} ({label} {facts['layer_threshold']:.0%})"
+        )
+    elif faults:
+        worst = sorted(faults, key=lambda f: f["drop"], reverse=True)
+        listed = ", ".join(
+            f"{f['name']} {f['entropy']:.2f} vs {f['baseline']:.2f} ({f['drop']:.0%})" for f in worst[:4]
+        )
+        more = f" and {len(worst) - 4} more" if len(worst) > 4 else ""
+        phrases.append(
+            f"routing entropy is at least {facts['layer_threshold']:.0%} below baseline ({label}) in "
+            f"{len(faults)} layers: {listed}{more}"
+        )
+    return " and ".join(phrases)
+
+
+def _replay(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"step {step} was already judged (last judged step {facts['_last_step']}), so nothing changes"
+
+
+def _non_finite(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"router output at step {step} is not finite (NaN or inf in {', '.join(facts['fields'])})"
+
+
+def _non_finite_skipped(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return _non_finite(facts, config, step) + "; skipped because halt_on_nonfinite is off"
+
+
+def _entropy_floor(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"pooled routing entropy {facts['entropy']:.3f} is below the floor {facts['floor']:.3f}"
+
+
+def _baseline(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    if "baseline" not in facts:
+        return f"collecting the routing-entropy baseline ({facts['collected']} of {facts['needed']} logging steps)"
+    return f"routing-entropy baseline set from {facts['needed']} logging steps: pooled {facts['baseline']:.2f}"
+
+
+def _load_ratio(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    overloaded = facts["experts"]
+    worst = max(overloaded, key=lambda o: o["ratio"])
+    more = f" ({len(overloaded) - 1} more expert(s) over the limit)" if len(overloaded) > 1 else ""
+    return (
+        f"expert {worst['expert']} in {worst['name']} receives {worst['share']:.0%} of top-k assignments, "
+        f"{worst['ratio']:.1f}x uniform (limit {worst['limit_ratio']:.2g}x: the larger of "
+        f"{config.max_load_ratio:g}x and {config.load_baseline_factor:g}x the layer's largest share at "
+        f"the baseline){more}"
+    )
+
+
+def _dead_experts(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    layers = facts["layers"]
+    worst = max(layers, key=lambda d: len(d["dead_experts"]) / d["experts"])
+    more = f" ({len(layers) - 1} more layer(s) likewise)" if len(layers) > 1 else ""
+    return (
+        f"{worst['name']} has had {len(worst['dead_experts'])} of {worst['experts']} experts (alive at the "
+        f"baseline) dead (load share below {worst['dead_threshold']:g}x uniform) for {worst['streak']} "
+        f"consecutive checks (limit {config.dead_fraction:.0%} of a layer's experts for "
+        f"{config.dead_patience} checks){more}"
+    )
+
+
+def _entropy_drop_halt(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return drop_phrase(facts)
+
+
+def _healthy(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"routing entropy within limits (pooled {facts['entropy']:.2f}, baseline {facts['baseline']:.2f})"
+
+
+def _cooldown(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return (
+        f"{drop_phrase(facts)}, but the guard is cooling down after the cut at step {facts['last_cut_step']} "
+        f"(cooldown window {config.cooldown - facts['cooldown_left']} of {config.cooldown})"
+    )
+
+
+def _after_last_cut(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    phrase = drop_phrase(facts)
+    cuts, last_cut = facts["cuts_made"], facts["last_cut_step"]
+    if cuts >= facts["max_cuts"] and cuts > 0:
+        return f"{phrase} even after the last allowed cut ({cuts} of {facts['max_cuts']}, at step {last_cut})"
+    if cuts >= facts["max_cuts"]:
+        return f"{phrase}; no last cut can be tried because cuts are off (max_cuts 0)"
+    since = f"last cut at step {last_cut}" if last_cut is not None else "no cut yet"
+    return (
+        f"{phrase}; the learning rate {facts['current_lr']:.2e} is already at min_lr {config.min_lr:.2e}, "
+        f"so no further cut can help ({since})"
+    )
+
+
+def _cut(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    clip_note = f", clipped to min_lr {config.min_lr:.2e}" if facts["clipped_to_min_lr"] else ""
+    return (
+        f"{drop_phrase(facts)}; multiplying the learning rate by {facts['factor']:.3g} "
+        f"({facts['lr_before']:.2e} -> {facts['lr_after']:.2e}{clip_note}), cut {facts['cut']} of "
+        f"{facts['max_cuts']}"
+    )
+
+
+_WRITERS: dict[str, Callable[[dict[str, Any], GuardConfig, int], str]] = {
+    "replay": _replay,
+    "non_finite": _non_finite,
+    "non_finite_skipped": _non_finite_skipped,
+    "entropy_floor": _entropy_floor,
+    "baseline": _baseline,
+    "load_ratio": _load_ratio,
+    "dead_experts": _dead_experts,
+    "entropy_drop_halt": _entropy_drop_halt,
+    "healthy": _healthy,
+    "cooldown": _cooldown,
+    "after_last_cut": _after_last_cut,
+    "entropy_drop_cut": _cut,
+}

@@ -1,0 +1,272 @@
+"""The recipe's sections, one pydantic model each: the schema every layer reads, below all of them.
+
+`recipe.py` composes them into a `Recipe` (with loading, `--set` overrides and `training:`
+validation); the layers that act on a section (`models/` on `model:` and `lora:`, `data.py` on
+`data:`, the RoutingMonitor on `monitor:`, the guard policy on `guards:`) import it from here, so no
+layer reaches up into the recipe to learn its own settings. Only pydantic is imported: no torch, no
+transformers, so a recipe validates in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The field's advice for MoE fine-tuning (DESIGN.md section 4): at least ~10,000 examples.
+DEFAULT_MIN_EXAMPLES = 10_000
+
+# Keys that moved out of `guards:` into `monitor:` (they configure what is measured, not the guard).
+MOVED_TO_MONITOR = {"monitor": "enabled", "capacity_factor": "capacity_factor", "dead_threshold": "dead_threshold"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationSection(Section):
+    """bitsandbytes quantization through `quantization_config` (the `load_in_4bit` kwarg is gone in
+    transformers 5). Note: it quantizes nn.Linear only; fused experts stay in full precision."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (QLoRA, NF4/FP4) or 8 (LLM.int8)")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="matmul dtype")
+    double_quant: bool = Field(True, description="quantize the quantization constants too")
+
+
+class ModelSection(Section):
+    name: str = Field(
+        ...,
+        description="tiny-<family> for a tiny random model built locally (tiny-mixtral, tiny-qwen3-moe, ...), "
+        "a hub id, or a local save_pretrained directory",
+    )
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    config: str | None = Field(
+        None,
+        description="a config.json (file or directory) describing the architecture, for offline `validate` and "
+        "`inspect` when the hub is out of reach; relative to the recipe file",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype; auto = the checkpoint's own (float32 for tiny models)"
+    )
+    quantization: QuantizationSection | None = Field(
+        None, description="load the base model quantized (QLoRA)"
+    )
+    experts_implementation: Literal["eager", "grouped_mm"] | None = Field(
+        None, description="how fused experts run; None = the transformers default (grouped_mm)"
+    )
+    attn_implementation: str | None = Field(None, description="eager, sdpa, flash_attention_2, ...")
+    trust_remote_code: bool = Field(False, description="allow custom modeling code from the hub")
+    output_router_logits: bool = Field(
+        True, description="ask the model for router logits so that the load-balancing aux loss is computed"
+    )
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0.0, description="aux-loss coefficient; None = the model config's own (0.0 turns it off)"
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout on attention modules")
+    attention: bool = Field(True, description="adapt the attention projections (q/k/v/o or the family's own)")
+    experts: bool = Field(True, description="adapt the fused expert weights through PEFT target_parameters")
+    router: bool = Field(
+        False,
+        description="train the router weights fully (modules_to_save); off by default: routers are fragile",
+    )
+    target_modules: list[str] | None = Field(
+        None, description="attention module names to adapt; None = the family's attention projections"
+    )
+    target_parameters: list[str] | None = Field(
+        None, description="expert parameter names to adapt; None = the family's fused expert parameters"
+    )
+
+
+class DataSection(Section):
+    path: str = Field(
+        ...,
+        description="a .jsonl/.jsonl.gz/.json/.csv/.parquet file or a datasets.save_to_disk directory; relative "
+        "to the recipe file",
+    )
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "disk"] = Field(
+        "auto", description="file format; auto = from the extension"
+    )
+    split: str = Field("train", description="split to use when `path` is a saved DatasetDict")
+    text_field: str = Field("text", description="column with plain text")
+    prompt_field: str = Field("prompt", description="column with the prompt (prompt/completion datasets)")
+    completion_field: str = Field("completion", description="column with the completion")
+    messages_field: str = Field("messages", description="column with chat messages [{role, content}, ...]")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="share of rows held out for evaluation")
+    max_examples: int | None = Field(None, ge=1, description="use only the first N rows (after shuffling)")
+    shuffle: bool = Field(True, description="shuffle rows (seeded) before splitting")
+    seed: int = Field(0, description="seed for shuffling and the eval split")
+    min_examples: int = Field(
+        DEFAULT_MIN_EXAMPLES,
+        ge=0,
+        description="refuse to train on fewer training examples than this (MoE routers collapse on small data)",
+    )
+
+
+class MonitorSection(Section):
+    """The recipe's `monitor:` section: what the RoutingMonitor measures at every logging step.
+
+    `dead_threshold` lives here alone: it defines `routing/dead_experts` and is the line the guard's
+    dead-expert halt judges against, so the metric a user reads and the guard's decision cannot disagree.
+    """
+
+    enabled: bool = Field(
+        True,
+        description="Run the RoutingMonitor: log routing metrics at each logging step and write routing.jsonl "
+        "(the guard needs it and runs one even when this is false).",
+    )
+    capacity_factor: float = Field(
+        1.25,
+        gt=0,
+        description="Expert capacity as a multiple of the uniform load, used to report routing/drop_fraction "
+        "(tokens over capacity); the guard logs it but does not act on it.",
+    )
+    dead_threshold: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="An expert counts as dead when its load share is below this multiple of uniform (1/E): "
+        "routing/dead_experts and the guard's dead-expert halt both use it.",
+    )
+    probe_size: int = Field(
+        8, ge=0, description="Training rows routed at the start and again for routing/drift (0 = no drift)."
+    )
+    drift_steps: int = Field(
+        50, ge=1, description="Re-route the probe at the first logging step this many steps after the last."
+    )
+
+
+class GuardConfig(BaseModel):
+    """The recipe's `guards:` section: when the routing guards cut the learning rate or halt training.
+
+    Also the argument of `EntropyGuard(config=...)` and `GuardPolicy(config)`, so a user of an existing
+    Trainer tunes the same fields a recipe does.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        True,
+        description="Run the EntropyGuard: cut the learning rate or halt training when routing collapses.",
+    )
+    baseline_steps: int = Field(
+        3,
+        ge=1,
+        description="Logging steps whose routing entropy (pooled and per layer) is averaged into the baseline, "
+        "unless a probe batch sets the baseline before the first step.",
+    )
+    cut_drop: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Cut the learning rate when pooled routing entropy falls this fraction below its baseline "
+        "(0.10 = 10%).",
+    )
+    cut_layer_drop: float = Field(
+        0.20,
+        gt=0,
+        lt=1,
+        description="Cut the learning rate when any layer's routing entropy falls this fraction below that "
+        "layer's own baseline.",
+    )
+    cut_factor: float = Field(
+        0.5, gt=0, lt=1, description="Multiply the learning rate by this factor at each cut."
+    )
+    cooldown: int = Field(
+        2,
+        ge=0,
+        description="Logging windows after a cut during which no further cut is made (hard halts still apply).",
+    )
+    max_cuts: int = Field(
+        3,
+        ge=0,
+        description="Most learning-rate cuts in a run; a collapse that continues after the last one halts "
+        "training.",
+    )
+    min_lr: float = Field(
+        1e-7,
+        ge=0,
+        description="The learning rate is never cut below this; a cut that would go lower lands on it, and a "
+        "collapse that continues at this learning rate halts training.",
+    )
+    halt_drop: float = Field(
+        0.40,
+        gt=0,
+        lt=1,
+        description="Halt when pooled routing entropy falls this fraction below its baseline.",
+    )
+    halt_layer_drop: float = Field(
+        0.50,
+        gt=0,
+        lt=1,
+        description="Halt when any layer's routing entropy falls this fraction below that layer's own baseline.",
+    )
+    entropy_floor: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Halt when pooled normalised routing entropy (0..1) falls below this absolute value; "
+        "null turns the floor off.",
+    )
+    max_load_ratio: float = Field(
+        3.0,
+        gt=1,
+        description="Halt when any expert's load share (fraction of top-k assignments) exceeds this multiple "
+        "of uniform (1/E).",
+    )
+    load_baseline_factor: float = Field(
+        1.5,
+        ge=1,
+        description="The load limit of a layer is the larger of max_load_ratio x uniform and this factor x the "
+        "layer's largest expert share at the baseline: routing that was already concentrated at the start "
+        "(narrow-domain data) is specialisation, not collapse.",
+    )
+    dead_fraction: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Halt when at least this fraction of one layer's experts are dead for dead_patience "
+        "consecutive checks.",
+    )
+    dead_patience: int = Field(
+        3,
+        ge=1,
+        description="Consecutive logging steps a layer's experts must stay dead before training halts.",
+    )
+    halt_on_nonfinite: bool = Field(
+        True,
+        description="Halt on any NaN or infinite router output; when false such a logging step is skipped.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _monitor_keys_moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            moved = [key for key in MOVED_TO_MONITOR if key in data]
+            if moved:
+                raise ValueError(
+                    "; ".join(f"guards.{key} has moved to monitor.{MOVED_TO_MONITOR[key]}" for key in moved)
+                    + " (the monitor measures, the guard acts on what it measured)"
+                )
+        return data
+
+    @model_validator(mode="after")
+    def _halts_are_deeper_than_cuts(self) -> GuardConfig:
+        problems = []
+        if self.halt_drop <= self.cut_drop:
+            problems.append(f"halt_drop ({self.halt_drop}) must be greater than cut_drop ({self.cut_drop})")
+        if self.halt_layer_drop <= self.cut_layer_drop:
+            problems.append(
+                f"halt_layer_drop ({self.halt_layer_drop}) must be greater than "
+                f"cut_layer_drop ({self.cut_layer_drop})"
+            )
+        if problems:
+            raise ValueError(
+                "; ".join(problems) + ": a halt is the deeper drop, so a cut gets the chance to act first"
+            )
+        return self
