@@ -99,8 +99,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     from moe_finetune.smoke import run_smoke
 
     result = run_smoke(args.family, steps=args.steps, echo=print, extra_callbacks=[EntropyGuard(echo=print)])
-    print(f"smoke {args.family}: {'ok' if result.ok else 'FAILED'}")
-    return 0 if result.ok else 1
+    print(f"smoke {result.family}: {'ok' if result.ok else 'FAILED'}")
+    result.raise_for_problem()  # a guard halt or an unhealthy run: exit 4, saying what was wrong
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(func=cmd_validate)
 
     smoke = sub.add_parser(
-        "smoke", help="build a tiny random model of a family, run a few guarded steps, print its routing"
+        "smoke",
+        help="build a tiny random model of a family, run a few guarded steps, print its routing "
+        "(exit 4 when the guard halts or routing is not healthy)",
     )
     smoke.add_argument(
         "--family",

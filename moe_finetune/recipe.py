@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -51,6 +53,59 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 # Keys of SFTConfig that the recipe sets elsewhere, so they may not appear under `training:`.
 _TRAINING_RESERVED = {"output_dir": "output_dir (top level of the recipe)"}
+# Keys that older transformers had and recipes still carry, with what replaced them.
+_TRAINING_REPLACED = {
+    "warmup_ratio": "warmup_steps (in transformers 5 a value below 1 is a fraction of all steps: warmup_steps: 0.1)",
+}
+
+_STEPS_OR_FRACTION = "must be > 0: a whole number of steps, or a fraction below 1 of all training steps"
+_SEED = ("seed", lambda v: 0 <= v < 2**32, "must be between 0 and 2**32 - 1")
+
+# Numbers SFTConfig takes without complaint that make no run (or not the run asked for): field ->
+# (what it is, whether a value is usable, what is accepted). Non-finite values are refused for all of
+# them; None passes where SFTConfig allows it (max_length, save_total_limit, eval_steps).
+_TRAINING_BOUNDS: dict[str, tuple[str, Callable[[float], bool], str]] = {
+    "learning_rate": ("learning rate", lambda v: v > 0, "must be > 0"),
+    "max_steps": (
+        "step count",
+        lambda v: v >= 1 or v == -1,
+        "must be >= 1, or -1 to train for num_train_epochs",
+    ),
+    "per_device_train_batch_size": ("batch size", lambda v: v >= 1, "must be >= 1"),
+    "per_device_eval_batch_size": ("batch size", lambda v: v >= 1, "must be >= 1"),
+    "gradient_accumulation_steps": ("accumulation count", lambda v: v >= 1, "must be >= 1"),
+    "warmup_steps": (
+        "warmup",
+        lambda v: v >= 0,
+        "must be >= 0: a number of steps, or a fraction below 1 of all training steps",
+    ),
+    "max_length": ("sequence length", lambda v: v >= 1, "must be >= 1, or null for no truncation"),
+    # HF reads a value below 1 as a fraction of all training steps, and refuses a fractional one above 1.
+    "logging_steps": ("logging interval", lambda v: v > 0 and (v < 1 or v == int(v)), _STEPS_OR_FRACTION),
+    "save_steps": ("checkpoint interval", lambda v: v > 0 and (v < 1 or v == int(v)), _STEPS_OR_FRACTION),
+    "eval_steps": ("evaluation interval", lambda v: v > 0 and (v < 1 or v == int(v)), _STEPS_OR_FRACTION),
+    "weight_decay": ("weight decay", lambda v: v >= 0, "must be >= 0"),
+    "max_grad_norm": ("gradient-norm limit", lambda v: v >= 0, "must be >= 0; 0 turns clipping off"),
+    "save_total_limit": (
+        "checkpoint limit",
+        lambda v: v >= 1,
+        "must be >= 1, or null to keep every checkpoint",
+    ),
+    # A beta of 1 makes Adam's bias correction divide by zero.
+    "adam_beta1": ("Adam beta", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "adam_beta2": ("Adam beta", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "adam_epsilon": ("Adam epsilon", lambda v: v >= 0, "must be >= 0"),
+    # numpy refuses other seeds, but only once training starts (after the model has loaded).
+    "seed": _SEED,
+    "data_seed": _SEED,
+}
+
+_RESTORE_CALLBACKS_REFUSED = (
+    "training.restore_callback_states_from_checkpoint: true is not supported: on resume transformers would "
+    "replace the routing guard and monitor with copies rebuilt from the checkpoint, which `train` cannot see, "
+    "so a guard halt would end the run with exit 0 instead of 4. The guard already restores its own state "
+    "(baseline, cuts, halt) from the checkpoint without this option: remove it from the recipe."
+)
 
 
 class Recipe(Section):
@@ -70,6 +125,7 @@ class Recipe(Section):
     # Where the recipe came from: relative paths in it are resolved against this directory.
     _base_dir: Path = Path(".")
     _source: str | None = None
+    _overrides: list[str] = []
 
     @field_validator("training", mode="after")
     @classmethod
@@ -84,6 +140,11 @@ class Recipe(Section):
     def source(self) -> str | None:
         """The recipe file this was loaded from (for messages that tell the user what to rerun)."""
         return self._source
+
+    @property
+    def overrides(self) -> list[str]:
+        """The `--set key.path=value` overrides applied on load, so a printed command can repeat them."""
+        return list(self._overrides)
 
     def resolve_path(self, path: str) -> Path:
         """A path from the recipe: absolute as is, else relative to the recipe file's directory."""
@@ -108,8 +169,48 @@ def _sft_fields() -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
 
 
+def _show(value: Any) -> str:
+    """A number as a person typed it: 0 not 0.0, 1e-05, nan."""
+    return format(value, "g") if isinstance(value, float) else repr(value)
+
+
+def _check_training_numbers(values: dict[str, Any], raw: dict[str, Any]) -> None:
+    """Refuse numbers that make no run (`_TRAINING_BOUNDS`), naming the field and what it accepts."""
+    for key, (noun, usable, accepted) in _TRAINING_BOUNDS.items():
+        if key not in values or values[key] is None:
+            continue
+        value = values[key]
+        if isinstance(raw[key], bool):  # pydantic reads true as 1: a typo, not a number
+            raise ValueError(f"training.{key}: {str(raw[key]).lower()} is not a number ({noun})")
+        if not math.isfinite(value):
+            raise ValueError(
+                f"training.{key}: {_show(value)} is not a usable {noun} "
+                f"(must be a finite number {accepted.removeprefix('must be ')})"
+            )
+        if not usable(value):
+            raise ValueError(f"training.{key}: {_show(value)} is not a usable {noun} ({accepted})")
+    epochs = values.get("num_train_epochs")
+    if epochs is not None:
+        if isinstance(raw["num_train_epochs"], bool):
+            raise ValueError(
+                f"training.num_train_epochs: {str(raw['num_train_epochs']).lower()} is not a number"
+            )
+        if not math.isfinite(epochs):
+            raise ValueError(
+                f"training.num_train_epochs: {_show(epochs)} is not a usable number of epochs (must be a finite "
+                "number > 0)"
+            )
+        # max_steps > 0 overrides the epochs; without it (-1, SFTConfig's default) they decide the run's length.
+        if epochs <= 0 and values.get("max_steps", -1) <= 0:
+            raise ValueError(
+                f"training.num_train_epochs: {_show(epochs)} is not a usable number of epochs (must be > 0, "
+                "unless max_steps sets the run's length)"
+            )
+
+
 def validate_training_section(values: dict[str, Any]) -> dict[str, Any]:
-    """Check `training:` against SFTConfig's fields and their types, coercing '1e-5'-style strings."""
+    """Check `training:` against SFTConfig's fields and their types, coercing '1e-5'-style strings, and
+    refuse the numbers and options SFTConfig accepts that make no run or one `train` cannot watch."""
     from pydantic import TypeAdapter
 
     fields = _sft_fields()
@@ -117,6 +218,8 @@ def validate_training_section(values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if key in _TRAINING_RESERVED:
             raise ValueError(f"training.{key} is not allowed here: set {_TRAINING_RESERVED[key]}")
+        if key in _TRAINING_REPLACED and key not in fields:
+            raise ValueError(f"training.{key} is gone from transformers 5: use {_TRAINING_REPLACED[key]}")
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -133,6 +236,9 @@ def validate_training_section(values: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(
                 f"training.{key}: {value!r} is not a valid {expected} ({err.errors()[0]['msg']})"
             ) from None
+    _check_training_numbers(checked, values)
+    if checked.get("restore_callback_states_from_checkpoint") is True:
+        raise ValueError(_RESTORE_CALLBACKS_REFUSED)
     return checked
 
 
@@ -220,7 +326,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             msg = "required field is missing"
         elif "input" in item and item["type"] not in ("value_error",):
             msg = f"{msg} (got {item['input']!r})"
-        lines.append(f"{field}: {msg}")
+        # `training:` messages already start with their dotted key (training.learning_rate: ...).
+        lines.append(msg if msg.startswith(f"{field}.") else f"{field}: {msg}")
     return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
 
 
@@ -246,6 +353,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(format_validation_error(err, str(path))) from None
     recipe._base_dir = path.resolve().parent
     recipe._source = str(path)
+    recipe._overrides = list(overrides or [])
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / path.stem)
     return recipe
@@ -285,6 +393,11 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
         warnings.append("lora.experts is false: the experts stay frozen and only attention adapts")
     if not recipe.guards.enabled:
         warnings.append("guards.enabled is false: routing collapse will be logged but not acted on")
+    elif recipe.guards.max_cuts > 0 and recipe.guards.min_lr >= lr:
+        warnings.append(
+            f"guards.min_lr {recipe.guards.min_lr:g} is not below training.learning_rate {lr:g}: the guard can never "
+            "cut the learning rate, so the first collapse it sees halts training"
+        )
     if recipe.model.quantization is not None:
         warnings.append(
             "model.quantization: bitsandbytes quantizes nn.Linear only; fused experts (most of an MoE's weights) "

@@ -17,9 +17,12 @@ from typing import Any
 
 RESOLVED_RECIPE_FILE = "recipe.resolved.yaml"
 ROUTING_FILE = "routing.jsonl"
+ROUTING_PROBE_FILE = "routing_probe.pt"  # the drift probe's routing at the start of the run
 EVENTS_FILE = "guard_events.jsonl"
 REPORT_FILE = "collapse_report.md"
 ADAPTER_DIR = "adapter"
+# The last checkpoint before the guard first acted, kept out of the Trainer's save_total_limit rotation.
+KEPT_CHECKPOINT_DIR = "last-healthy"
 
 
 def json_safe(value: Any) -> Any:

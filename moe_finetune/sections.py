@@ -177,6 +177,35 @@ class GuardConfig(BaseModel):
     cut_factor: float = Field(
         0.5, gt=0, lt=1, description="Multiply the learning rate by this factor at each cut."
     )
+    cut_window: int = Field(
+        10,
+        ge=1,
+        description="A cut needs routing entropy to have fallen cut_drop (cut_layer_drop for a layer) within "
+        "this many logging steps (and since the last cut): a sharp drop, not a level reached long ago or "
+        "before a resume.",
+    )
+    cut_balance_drop: float = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="Cut the learning rate when any layer's balance (normalised entropy of its load share) falls "
+        "this fraction within cut_window logging steps and sits that far below its baseline: the first sign "
+        "of load concentrating.",
+    )
+    continue_drop: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="After the last allowed cut, halt only when routing entropy falls this fraction further below "
+        "where it stood at that cut; a run that holds steady below its baseline has settled and runs on.",
+    )
+    halt_balance_drop: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Halt when any layer's balance (normalised entropy of its load share, routing/balance) falls "
+        "this fraction below that layer's baseline: the load concentrating on few experts is collapse.",
+    )
     cooldown: int = Field(
         2,
         ge=0,
@@ -264,6 +293,11 @@ class GuardConfig(BaseModel):
             problems.append(
                 f"halt_layer_drop ({self.halt_layer_drop}) must be greater than "
                 f"cut_layer_drop ({self.cut_layer_drop})"
+            )
+        if self.halt_balance_drop <= self.cut_balance_drop:
+            problems.append(
+                f"halt_balance_drop ({self.halt_balance_drop}) must be greater than "
+                f"cut_balance_drop ({self.cut_balance_drop})"
             )
         if problems:
             raise ValueError(

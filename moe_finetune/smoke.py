@@ -4,6 +4,12 @@ The quickest check that an install works and that a family's routers are found a
 it builds (or reuses) the tiny model, applies the default LoRA, prints the aux-loss check, trains
 a few SFTTrainer steps on a slice of the bundled data with the RoutingMonitor attached, and prints
 the per-layer routing table. Seconds on a laptop CPU; nothing is downloaded.
+
+A run that is not healthy is reported with exit 4, the code of "training halted by a guard": a guard
+that halts it, router output that is not finite (the guard's own halt condition, whether or not a guard
+was attached to see it), no routing metrics at all, or a training loss that is not finite. Each is the
+smoke run's health check failing on a tiny random model, which is neither a bug in moe-finetune (exit 1)
+nor an invalid input (exit 2); `SmokeResult.problem` says which one it was.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_finetune.errors import RecipeError, TrainingHalted
 from moe_finetune.routing.metrics import RoutingMetrics
 
 Echo = Callable[[str], None]
@@ -32,16 +39,44 @@ class SmokeResult:
     aux_lines: list[str]
     routing_records: list[dict[str, Any]] = field(default_factory=list)  # the routing.jsonl lines
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    requested_steps: int | None = None
+    metrics_step: int | None = None  # the step `metrics` were logged at
+    halt_reason: str | None = None  # the reason of a guard (in extra_callbacks) that halted the run
+    halt_step: int | None = None
+    output_dir: Path | None = None  # where routing.jsonl (and a halt's report) stay; None = removed
+
+    @property
+    def problem(self) -> str | None:
+        """What was wrong with the run, as one sentence with the numbers in it; None when it was healthy."""
+        if self.halt_reason is not None:
+            where = f" (report in {self.output_dir})" if self.output_dir is not None else ""
+            return f"training halted by the routing guard at step {self.halt_step}: {self.halt_reason}{where}"
+        if self.metrics is None:
+            return (
+                f"no routing metrics were logged in {self.steps} steps: the RoutingMonitor saw no routed token, "
+                f"so the {self.family} routers were not read (a change in this transformers version's modeling "
+                "code is the likely cause)"
+            )
+        if not self.metrics.finite:
+            return (
+                f"the router output was not finite (NaN or inf) at step {self.metrics_step}: routing metrics, "
+                "and any guard decision based on them, cannot be trusted"
+            )
+        if self.train_loss is None or not math.isfinite(self.train_loss):
+            return f"the training loss was {self.train_loss} after {self.steps} steps, with finite routing"
+        if self.requested_steps is not None and self.steps < self.requested_steps:
+            return f"training stopped after {self.steps} of {self.requested_steps} steps"
+        return None
 
     @property
     def ok(self) -> bool:
-        """Trained every step, logged routing, and every router output was finite."""
-        return (
-            self.metrics is not None
-            and self.metrics.finite
-            and self.train_loss is not None
-            and math.isfinite(self.train_loss)
-        )
+        """Trained every step, logged routing, every router output and the loss were finite, no guard halted."""
+        return self.problem is None
+
+    def raise_for_problem(self) -> None:
+        """Raise TrainingHalted (exit 4) saying what was wrong, when the run was not healthy."""
+        if self.problem is not None:
+            raise TrainingHalted(f"smoke {self.family}: {self.problem}")
 
 
 def _smoke_dataset(rows: int) -> Any:
@@ -87,15 +122,17 @@ def run_smoke(
 
     `output_dir` keeps routing.jsonl (default: a temporary directory, removed afterwards).
     `extra_callbacks` are attached after the RoutingMonitor (e.g. an EntropyGuard, which then reads
-    the monitor's metrics in the same step).
+    the monitor's metrics in the same step); a guard among them that halts is reported in the result.
     """
+    if steps < 1:
+        raise RecipeError(f"smoke: steps (--steps) must be at least 1, got {steps}")
     import torch
     import transformers
     from transformers import PrinterCallback, ProgressCallback
     from trl import SFTConfig, SFTTrainer
 
     from moe_finetune.aux_check import describe_aux_loss
-    from moe_finetune.callbacks import RoutingMonitor, attach
+    from moe_finetune.callbacks import EntropyGuard, RoutingMonitor, attach
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
     from moe_finetune.models.tiny import build_tiny
@@ -130,6 +167,9 @@ def run_smoke(
             bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
             dataloader_pin_memory=torch.cuda.is_available(),
             disable_tqdm=True,
+            # HF logs a NaN loss as the mean of earlier ones by default, which would hide the failure
+            # this run exists to find.
+            logging_nan_inf_filter=False,
             seed=0,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -151,6 +191,9 @@ def run_smoke(
         )
     table = monitor.format_table()
     say(table)
+    halted = next(
+        (cb for cb in extra_callbacks if isinstance(cb, EntropyGuard) and cb.halted is not None), None
+    )
     return SmokeResult(
         family=family_spec.name,
         steps=trainer.state.global_step,
@@ -161,6 +204,11 @@ def run_smoke(
         aux_lines=aux_lines,
         routing_records=list(monitor.history),
         log_history=list(trainer.state.log_history),
+        requested_steps=steps,
+        metrics_step=monitor.latest_step,
+        halt_reason=halted.halted.reason if halted is not None else None,
+        halt_step=halted.halt_step if halted is not None else None,
+        output_dir=Path(output_dir) if output_dir is not None else None,
     )
 
 

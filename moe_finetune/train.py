@@ -12,6 +12,7 @@ conditions and the final adapter.
 
 from __future__ import annotations
 
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from moe_finetune.models.families import FamilySpec, family_for_model
 from moe_finetune.models.loading import load_model_and_tokenizer
 from moe_finetune.models.lora import Coverage, apply_lora, coverage
 from moe_finetune.recipe import Recipe, check_files, recipe_warnings
+from moe_finetune.routing.policy import load_limit_problem
 from moe_finetune.rundir import ADAPTER_DIR, EVENTS_FILE, REPORT_FILE, RESOLVED_RECIPE_FILE, checkpoint_steps
 from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
@@ -68,7 +70,13 @@ def load_training_data(recipe: Recipe, allow_small_dataset: bool = False) -> tup
     data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
     if data.num_train < recipe.data.min_examples:
         if not allow_small_dataset:
-            check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))
+            check_dataset_size(
+                data.num_train,
+                recipe.data.min_examples,
+                str(data.path),
+                rows_in_file=data.total_rows,
+                eval_rows=len(data.eval) if data.eval is not None else 0,
+            )
         return data, "--allow-small-dataset"
     if data.num_train < DEFAULT_MIN_EXAMPLES:
         return data, f"data.min_examples={recipe.data.min_examples}"
@@ -175,6 +183,10 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     # read the finished copy instead of racing it.
     with args.main_process_first(desc="loading the model"):
         model, tokenizer, family = load_model_and_tokenizer(recipe.model, recipe.resolve_path(recipe.model.name))
+    if recipe.guards.enabled:
+        problem = load_limit_problem(recipe.guards, family.num_experts(model.config), family.top_k(model.config))
+        if problem is not None:
+            raise RecipeError(problem)
     model, adapted = apply_lora(model, recipe.lora, family)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer
@@ -252,6 +264,18 @@ def resume_point(output_dir: Path, resume: str | bool | None) -> str | None:
     return checkpoint
 
 
+def continue_command(recipe: Recipe, output_dir: Path, drop: tuple[str, ...] = ()) -> str:
+    """The `moe-finetune train` command line that continues this run: same recipe, same `--set` overrides
+    (bar the keys in `drop`, which the caller sets anew), same output directory."""
+    words = ["moe-finetune", "train", recipe.source or "RECIPE"]
+    for override in recipe.overrides:
+        key = override.partition("=")[0].strip()
+        if key != "output_dir" and key not in drop:
+            words += ["--set", override]
+    words += ["--output-dir", str(output_dir)]
+    return " ".join(shlex.quote(word) for word in words)
+
+
 def start_run_directory(trainer: Any, recipe: Recipe, output_dir: Path, *, clear: bool) -> None:
     """Clear (on --overwrite) and write the run directory: the main process only; the others wait for it."""
     if trainer.is_world_process_zero():
@@ -271,7 +295,8 @@ def run(
     echo: Echo = print,
 ) -> RunResult:
     """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
-    from moe_finetune.callbacks.guard import EntropyGuard, checkpoint_before_trouble
+    from moe_finetune.callbacks.collapse_report import checkpoint_before_trouble
+    from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.interrupt import InterruptCallback
     from moe_finetune.callbacks.monitor import RoutingMonitor
 
@@ -305,7 +330,7 @@ def run(
     monitor = next((c for c in callbacks if isinstance(c, RoutingMonitor)), None)
     if monitor is not None and trainer.is_world_process_zero() and monitor.latest is not None:
         echo(monitor.format_table())
-    rerun = f"moe-finetune train {recipe.source or 'RECIPE'} --output-dir {output_dir}"
+    rerun = continue_command(recipe, output_dir)
     guard = next((c for c in callbacks if isinstance(c, EntropyGuard)), None)
     if guard is not None and guard.halted is not None:
         earlier = checkpoint_before_trouble(output_dir, guard.events)
@@ -313,7 +338,8 @@ def run(
         raise TrainingHalted(
             f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "
-            f"events: {output_dir / EVENTS_FILE}. To go on with a lower learning rate: {rerun} {where} "
+            f"events: {output_dir / EVENTS_FILE}. To go on with a lower learning rate: "
+            f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))} {where} "
             "--set training.learning_rate=LOWER"
         )
     if interrupt.stopped_at is not None:

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_finetune.errors import RecipeError
 from moe_finetune.models.configs import meta_model, model_config_for
 from moe_finetune.models.families import family_for_config
 from moe_finetune.models.lora import build_lora_config
 from moe_finetune.recipe import Recipe, check_files, load_recipe, recipe_warnings
+from moe_finetune.routing.policy import load_limit_problem
 
 
 @dataclass
@@ -44,11 +46,21 @@ def validate_recipe(
         from moe_finetune.data import load_data
 
         data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
-        check_dataset_size(data.num_train, recipe.data.min_examples, str(data.path))
+        check_dataset_size(
+            data.num_train,
+            recipe.data.min_examples,
+            str(data.path),
+            rows_in_file=data.total_rows,
+            eval_rows=len(data.eval) if data.eval is not None else 0,
+        )
         report.lines.append(f"data: {data.num_train:,} training examples ({data.schema}) in {data.path}")
 
     config = recipe_model_config(recipe)
     family = family_for_config(config)
+    if recipe.guards.enabled:
+        problem = load_limit_problem(recipe.guards, family.num_experts(config), family.top_k(config))
+        if problem is not None:
+            raise RecipeError(problem)
     model = meta_model(config)
     lora_config = build_lora_config(model, recipe.lora, family)
     total = sum(p.numel() for p in model.parameters())

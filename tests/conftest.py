@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# datasets.load_dataset keeps an Arrow copy of every file it reads, in a folder datasets reads from the
+# environment when it is first imported (at collection): keep the tests' copies out of ~/.cache, here
+# and in the subprocesses that inherit the environment.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="moe-test-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,6 +31,7 @@ def _private_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("MOE_FINETUNE_CACHE", None)
     else:
         os.environ["MOE_FINETUNE_CACHE"] = previous
+    shutil.rmtree(_DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

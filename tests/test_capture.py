@@ -10,7 +10,7 @@ import torch
 
 from moe_finetune.errors import UnknownFamilyError
 from moe_finetune.routing import RoutingCapture, capture_routing, compare_probes, probe_routing
-from moe_finetune.routing.metrics import RoutingSums, overflow_assignments
+from moe_finetune.routing.metrics import RoutingSums, overflow_assignments, summarise
 
 # overflow is per forward (capacity is a per-batch budget), so it is compared separately
 SUM_FIELDS = ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum")
@@ -125,6 +125,15 @@ def test_cached_decoding_counts_only_the_new_tokens(tiny_mixtral_dir):
 
 def test_hooks_add_no_host_sync_to_a_forward(mixtral, monkeypatch):
     """The hooks queue tensor work only: no .item()/.tolist()/.cpu()/bool() of a tensor per forward."""
+    assert_no_host_sync_added(mixtral, monkeypatch)
+
+
+def test_hooks_add_no_host_sync_with_routers_on_two_devices(mixtral, monkeypatch):
+    report_devices(monkeypatch, mixtral, [CPU, SECOND])
+    assert_no_host_sync_added(mixtral, monkeypatch)
+
+
+def assert_no_host_sync_added(mixtral, monkeypatch) -> None:
     mask = torch.ones(2, 8, dtype=torch.long)
     mask[0, 6:] = 0
     batch = {"input_ids": ids(2, 8), "attention_mask": mask}
@@ -198,7 +207,9 @@ def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
     drift = compare_probes(first, second)
     assert drift.topk_change == 0.0 and drift.load_js == 0.0
     with capture_routing(mixtral) as cap:
-        chunked = probe_routing(cap, batch, chunk_rows=1)  # one sequence per forward: same answer, less memory
+        chunked = probe_routing(
+            cap, batch, chunk_rows=1
+        )  # one sequence per forward: same answer, less memory
     assert torch.equal(chunked.topk, first.topk) and torch.equal(chunked.counts, first.counts)
     assert torch.equal(chunked.valid, first.valid)
 
@@ -266,3 +277,91 @@ def test_a_trainable_router_copy_shares_its_layer_slot(tiny_mixtral_dir):
         wrapped(**batch)
     assert cap.layer_names == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert_sums_close(cap.sums, bare)
+
+
+# --------------------------------------------------------------------------- routers on several devices
+
+CPU = torch.device("cpu")
+# A second device key whose tensors are ordinary CPU tensors (torch.zeros(device="cpu:0") lives on
+# "cpu"): this machine has one device, so the split of `device_map="auto"` is simulated by what the
+# capture's device lookup reports.
+SECOND = torch.device("cpu", 0)
+
+
+def report_devices(monkeypatch, model, devices: list[torch.device]) -> None:
+    """Make the capture's device lookup say that router i sits on devices[i]."""
+    import moe_finetune.routing.capture as capture_module
+    from moe_finetune.models.families import find_routers, get_family
+
+    routers = [modules[0] for modules in find_routers(model, get_family("mixtral"))[1]]
+    real = capture_module._module_device
+
+    def lookup(module, fallback):
+        for router, device in zip(routers, devices, strict=True):
+            if module is router:
+                return device
+        return real(module, fallback)
+
+    monkeypatch.setattr(capture_module, "_module_device", lookup)
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    return {"input_ids": ids(2, 9), "attention_mask": mask}
+
+
+def test_routers_on_two_devices_keep_their_own_sums_combined_when_read(mixtral, monkeypatch):
+    batch = padded_batch()
+    with capture_routing(mixtral) as bare, torch.no_grad():
+        mixtral(**batch)
+        mixtral(**batch)
+    report_devices(monkeypatch, mixtral, [CPU, SECOND])
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        mixtral(**batch)
+        mixtral(**batch)
+        parts = cap.sums_by_device
+        # each device holds only its own layer's rows: the hooks never added across devices
+        assert set(parts) == {CPU, SECOND} and cap.device == CPU
+        assert parts[CPU].tokens.tolist() == [28.0, 0.0] and parts[SECOND].tokens.tolist() == [0.0, 28.0]
+        assert parts[CPU].assign_counts[1].abs().sum() == 0 and parts[SECOND].prob_sum[0].abs().sum() == 0
+
+    sums = cap.sums  # combined on the first router's device, as a copy
+    assert sums.device == CPU and sums.tokens.dtype == torch.float64
+    assert_sums_close(sums, bare.sums)
+    torch.testing.assert_close(sums.overflow, bare.sums.overflow)
+    assert cap.stats().pooled() == pytest.approx(bare.stats().pooled(), rel=1e-6)
+
+    # what the monitor does at a log: flatten, all_reduce (here: two identical ranks), unflatten, reset
+    reduced = sums.from_tensor(sums.as_tensor() * 2)
+    assert summarise(reduced).tokens == 56 and reduced.tokens.tolist() == [56.0, 56.0]
+    cap.reset()
+    assert all(part.as_tensor().abs().sum() == 0 for part in cap.sums_by_device.values())
+    assert sums.tokens.tolist() == [28.0, 28.0]  # the copy read before the reset is untouched
+    cap.load_sums(reduced)
+    assert torch.equal(cap.sums.as_tensor(), reduced.as_tensor())
+    assert cap.sums_by_device[SECOND].as_tensor().abs().sum() == 0
+
+
+def test_the_drift_probe_works_with_routers_on_two_devices(mixtral, monkeypatch):
+    batch = padded_batch()
+    with capture_routing(mixtral) as cap:
+        expected = probe_routing(cap, batch)
+    report_devices(monkeypatch, mixtral, [CPU, SECOND])
+    with capture_routing(mixtral) as cap:
+        split = probe_routing(cap, batch)
+        assert cap.sums.tokens.sum().item() == 0
+    assert torch.equal(split.topk, expected.topk) and torch.equal(split.counts, expected.counts)
+
+
+def test_a_router_whose_weights_are_not_on_a_device_adds_where_its_output_lands(mixtral, monkeypatch):
+    """Offloaded weights (meta until the forward) or a model moved after the capture was made: the
+    layer's sums follow the router's output, and nothing is allocated on the meta device."""
+    batch = padded_batch()
+    expected = run_sums(mixtral, **batch)
+    report_devices(monkeypatch, mixtral, [CPU, torch.device("meta")])
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        assert set(cap.sums_by_device) == {CPU}
+        mixtral(**batch)
+    assert set(cap.sums_by_device) == {CPU}
+    assert_sums_close(cap.sums, expected)

@@ -157,7 +157,8 @@ def test_deepseek_v3_loads_follow_the_biased_grouped_choice(family_dirs):
         torch.testing.assert_close(cap.sums.assign_counts[layer], assignment_counts(chosen, 8))
         unbiased = logits.float().sigmoid().topk(config.num_experts_per_tok, dim=-1).indices
         changed_by_bias += int(not torch.equal(assignment_counts(unbiased, 8), assignment_counts(chosen, 8)))
-        # probabilities (and entropy) come from the scores without the bias, normalised to sum 1
+        # probabilities come from the scores without the bias, normalised to sum 1 (the per-token
+        # entropy is of softmax(logits) instead: tests/test_sigmoid_routing.py says why)
         scores = logits.float().sigmoid()
         torch.testing.assert_close(
             cap.sums.prob_sum[layer],

@@ -9,12 +9,8 @@ import pytest
 import torch
 from transformers import get_scheduler
 
-from moe_finetune.callbacks.guard import (
-    EntropyGuard,
-    append_event,
-    peak_learning_rate,
-    scale_learning_rate,
-)
+from moe_finetune.callbacks.guard import EntropyGuard, append_event
+from moe_finetune.callbacks.lr import peak_learning_rate, scale_learning_rate
 from moe_finetune.sections import GuardConfig
 
 SCHEDULERS = [

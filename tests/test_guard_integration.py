@@ -1,4 +1,5 @@
-"""Real training that collapses: the guard cuts, then halts (exit 4), and a resumed run goes on."""
+"""Real training on the two demo recipes: collapse halts (exit 4) and its recovery runs to the end;
+sharpening is cut, settles and runs to the end; resumes never cut twice and keep the cut rate."""
 
 from __future__ import annotations
 
@@ -14,106 +15,145 @@ from moe_finetune.cli import main
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+COLLAPSE = REPO / "recipes" / "demo-collapse.yaml"
+SHARPENING = REPO / "recipes" / "demo-sharpening.yaml"
 
 
 def _events(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def halted_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
-    """The demo recipe run once to its halt (about 15 s); each test resumes from its own copy."""
-    run = tmp_path_factory.mktemp("demo") / "run"
+def _routing(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
+
+
+def _train(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["train", str(REPO / "recipes" / "demo-collapse.yaml"), "--output-dir", str(run)])
-    return run, code, out.getvalue(), err.getvalue()
+        code = main(["train", *argv])
+    return code, out.getvalue(), err.getvalue()
 
 
-def _copy(halted_demo: tuple[Path, int, str, str], tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def halted_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """The collapse demo run once to its halt (a few seconds); each test resumes from its own copy."""
+    run = tmp_path_factory.mktemp("collapse") / "run"
+    return (run, *_train(str(COLLAPSE), "--output-dir", str(run)))
+
+
+@pytest.fixture(scope="module")
+def settled_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str, str]:
+    """The sharpening demo run once to its end (about 15 s)."""
+    run = tmp_path_factory.mktemp("sharpening") / "run"
+    return (run, *_train(str(SHARPENING), "--output-dir", str(run)))
+
+
+def _copy(demo: tuple[Path, int, str, str], tmp_path: Path) -> Path:
     run = tmp_path / "demo"
-    shutil.copytree(halted_demo[0], run)
+    shutil.copytree(demo[0], run)
     return run
 
 
-def test_demo_recipe_cuts_then_halts_with_checkpoint_and_report_and_resumes(
-    halted_demo: tuple[Path, int, str, str], tmp_path: Path, capsys
+def test_collapsing_load_is_cut_then_halted_with_checkpoint_report_and_a_kept_healthy_checkpoint(
+    halted_demo: tuple[Path, int, str, str],
 ) -> None:
-    _, code, out, err = halted_demo
+    run, code, out, err = halted_demo
     assert code == 4, out[-3000:] + err[-3000:]
-    run = _copy(halted_demo, tmp_path)
-
     events = _events(run)
     actions = [e["action"] for e in events]
     assert actions[-1] == "halt" and "cut_lr" in actions
-    cuts = [e for e in events if e["action"] == "cut_lr"]
-    assert [c["lr_after"] / c["lr_before"] for c in cuts] == pytest.approx([0.8] * len(cuts))
-    halt_step = events[-1]["step"]
-    assert (run / f"checkpoint-{halt_step}").is_dir()
+    halt = events[-1]
+    assert halt["details"]["check"] == "balance_drop"  # the load concentrating, not a confident router
+    assert "its load is concentrating on few experts" in halt["reason"]
+    assert (run / f"checkpoint-{halt['step']}").is_dir()
     report = (run / "collapse_report.md").read_text()
-    assert f"**Step:** {halt_step}" in report and "| layer |" in report
-    assert "training halted by the routing guard" in err and "--resume" in err
+    assert f"**Step:** {halt['step']}" in report and "| layer |" in report
     assert "[guard]" in out and "CUT LR" in out and "HALT" in out
-    history = [json.loads(line) for line in (run / "routing.jsonl").read_text().splitlines()]
-    assert history[-1]["step"] == halt_step
+    assert _routing(run)[-1]["step"] == halt["step"]
     assert not (run / "adapter").exists()  # a halted run leaves checkpoints, not a "final" adapter
-
-    first_cut = cuts[0]["step"]
-    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
-    suggested = max(step for step in steps if step < first_cut)
-    assert f"--resume {halted_demo[0] / f'checkpoint-{suggested}'}" in err
-    code = main(
-        [
-            "train",
-            str(REPO / "recipes" / "demo-collapse.yaml"),
-            "--output-dir",
-            str(run),
-            "--resume",
-            str(run / f"checkpoint-{suggested}"),
-            "--set",
-            "training.learning_rate=1e-5",
-            "--set",
-            f"training.max_steps={halt_step + 20}",
-        ]
-    )
-    out, err = capsys.readouterr()
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert f"done: {halt_step + 20} steps" in out
-    after = _events(run)[len(events) :]
-    assert after[0]["action"] == "resume_lr" and after[0]["step"] == suggested
-    assert after[0]["lr_after"] == pytest.approx(1e-5)
-    assert all(e["action"] != "halt" for e in after)  # at 1e-5 the run goes on
-    assert all(e["step"] > suggested for e in after[1:])
+    first_cut = next(e["step"] for e in events if e["action"] == "cut_lr")
+    kept = sorted((run / "last-healthy").glob("checkpoint-*"))
+    assert len(kept) == 1 and int(kept[0].name.split("-")[1]) < first_cut
+    assert f"--resume {kept[0]}" in err and "--set training.learning_rate=LOWER" in err
 
 
-def test_resuming_after_a_cut_never_applies_it_twice(
-    halted_demo: tuple[Path, int, str, str], tmp_path: Path, capsys
+def test_recovery_from_the_checkpoint_before_trouble_at_a_lower_rate_runs_to_the_end(
+    halted_demo: tuple[Path, int, str, str], tmp_path: Path
 ) -> None:
+    """What the halt message recommends must work: here the collapse had already begun at the kept
+    checkpoint, and at 1e-5 it neither deepens nor recovers, so the guard may cut, settles, and goes on."""
     assert halted_demo[1] == 4
     run = _copy(halted_demo, tmp_path)
+    kept = next((run / "last-healthy").glob("checkpoint-*"))
+    code, out, err = _train(
+        str(COLLAPSE), "--output-dir", str(run), "--resume", str(kept), "--set", "training.learning_rate=1e-5"
+    )
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "done: 400 steps" in out
+    # guard_events.jsonl now holds the original run up to the kept checkpoint, then the resumed one
+    resumed = [e for e in _events(run) if e["step"] >= int(kept.name.split("-")[1])]
+    assert resumed[0]["action"] == "resume_lr" and resumed[0]["lr_after"] == pytest.approx(1e-5)
+    assert all(e["action"] != "halt" for e in resumed)
+    assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_sharpening_without_collapse_is_cut_then_settles_and_runs_to_the_end(
+    settled_demo: tuple[Path, int, str, str],
+) -> None:
+    run, code, out, err = settled_demo
+    assert code == 0, out[-3000:] + err[-3000:]
     events = _events(run)
-    first_cut = next(e for e in events if e["action"] == "cut_lr")
-    after_cut = min(
-        int(p.name.split("-")[1])
-        for p in run.glob("checkpoint-*")
-        if int(p.name.split("-")[1]) > first_cut["step"]
+    actions = [e["action"] for e in events]
+    assert actions.count("cut_lr") == 3 and actions.count("settled") == 1 and "halt" not in actions
+    settled = next(e for e in events if e["action"] == "settled")
+    assert "has settled below its baseline" in settled["reason"]
+    assert "SETTLED" in out and "done: 400 steps" in out
+    # routing sharpened (entropy fell) while the load stayed spread (balance held): not collapse
+    last = _routing(run)[-1]
+    assert last["balance"] > 0.85 and last["entropy_min"] < 0.75
+
+
+def test_the_checkpoint_before_the_first_cut_survives_save_total_limit_rotation(
+    settled_demo: tuple[Path, int, str, str],
+) -> None:
+    run = settled_demo[0]
+    first_cut = next(e["step"] for e in _events(run) if e["action"] == "cut_lr")
+    kept = sorted((run / "last-healthy").glob("checkpoint-*"))
+    assert len(kept) == 1 and int(kept[0].name.split("-")[1]) == (first_cut - 1) // 10 * 10  # saved before it
+    assert (kept[0] / "trainer_state.json").is_file()
+    assert not (run / kept[0].name).exists()  # rotated away (save_total_limit 3) in the run itself
+    assert len(list(run.glob("checkpoint-*"))) == 3
+
+
+def test_resuming_through_logging_steps_after_a_cut_never_applies_it_twice_and_keeps_the_cut_rate(
+    settled_demo: tuple[Path, int, str, str], tmp_path: Path
+) -> None:
+    first_cut = next(e for e in _events(settled_demo[0]) if e["action"] == "cut_lr")
+    # the same run stopped 10 steps after its first cut, then resumed through four logging steps
+    stop_at = first_cut["step"] + 10
+    code, out, err = _train(
+        str(SHARPENING), "--output-dir", str(tmp_path / "first"), "--set", f"training.max_steps={stop_at}"
     )
-    state = json.loads((run / f"checkpoint-{after_cut}" / "trainer_state.json").read_text())
-    saved = state["stateful_callbacks"]["EntropyGuard"]["attributes"]["_saved_policy"]
-    assert saved["cuts_made"] >= 1 and saved["last_step"] >= first_cut["step"]
-    code = main(
-        [
-            "train",
-            str(REPO / "recipes" / "demo-collapse.yaml"),
-            "--output-dir",
-            str(run),
-            "--resume",
-            str(run / f"checkpoint-{after_cut}"),
-            "--set",
-            f"training.max_steps={after_cut + 1}",
-        ]
+    assert code == 0, out[-3000:] + err[-3000:]
+    first = tmp_path / "first"
+    cuts_before = [e for e in _events(first) if e["action"] == "cut_lr"]
+    assert [c["step"] for c in cuts_before] == [first_cut["step"]]
+    code, out, err = _train(
+        str(SHARPENING),
+        "--output-dir",
+        str(first),
+        "--resume",
+        str(first / f"checkpoint-{stop_at}"),
+        "--set",
+        f"training.max_steps={stop_at + 20}",  # four more logging steps
     )
-    out, _ = capsys.readouterr()
-    assert code == 0
-    assert _events(run)[len(events) :] == []  # same learning rate, no new decision, no repeated cut
-    assert f"done: {after_cut + 1} steps" in out
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert f"done: {stop_at + 20} steps" in out
+    after = [e for e in _events(first) if e["step"] > stop_at]
+    assert all(e["action"] != "cut_lr" or e["step"] > stop_at for e in after)
+    assert [e["step"] for e in _events(first) if e["action"] == "cut_lr"][0] == first_cut["step"]  # not repeated
+    lrs = [r["lr"] for r in _routing(first) if r["step"] > stop_at]
+    assert len(lrs) == 4 and lrs == pytest.approx([cuts_before[0]["lr_after"]] * 4)  # the cut rate, kept
+    # guard_events.jsonl holds this run's history once: the resumed attempt did not repeat lines
+    steps = [(e["step"], e["action"]) for e in _events(first)]
+    assert len(steps) == len(set(steps))

@@ -27,7 +27,7 @@ _SCRIPT = textwrap.dedent(
     from moe_finetune.errors import TrainingHalted
     from moe_finetune.recipe import load_recipe
 
-    recipe_path, out_dir = sys.argv[1], sys.argv[2]
+    recipe_path, out_dir, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
     made = []
     original = train.make_callbacks
 
@@ -36,7 +36,7 @@ _SCRIPT = textwrap.dedent(
         return made
 
     train.make_callbacks = recording
-    recipe = load_recipe(recipe_path, [f"output_dir={out_dir}/run"])
+    recipe = load_recipe(recipe_path, [f"output_dir={out_dir}/run", *overrides])
     halted = None
     try:
         train.run(recipe, echo=lambda line: None)
@@ -59,7 +59,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_both_ranks_cut_at_the_same_steps_and_halt_together(tmp_path: Path) -> None:
+def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is part of the install"
     script = tmp_path / "ranks.py"
@@ -80,8 +80,9 @@ def test_both_ranks_cut_at_the_same_steps_and_halt_together(tmp_path: Path) -> N
         "--main_process_port",
         str(_free_port()),
         str(script),
-        str(REPO / "recipes" / "demo-collapse.yaml"),
+        str(REPO / "recipes" / "demo-sharpening.yaml"),
         str(tmp_path),
+        "training.max_steps=200",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -89,8 +90,8 @@ def test_both_ranks_cut_at_the_same_steps_and_halt_together(tmp_path: Path) -> N
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["events"] == ranks[1]["events"]
     actions = [e["action"] for e in ranks[0]["events"]]
-    assert "cut_lr" in actions and actions[-1] == "halt"
-    assert ranks[0]["halted"] and ranks[1]["halted"]
+    assert "cut_lr" in actions
+    assert ranks[0]["halted"] == ranks[1]["halted"]
     # Only rank 0 writes the run's files: one line per action, not one per rank.
     written = (tmp_path / "run" / "guard_events.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in written] == [e["step"] for e in ranks[0]["events"]]

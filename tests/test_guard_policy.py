@@ -76,9 +76,9 @@ def test_no_relative_action_while_the_baseline_is_being_collected():
 # ---------------------------------------------------------------- cuts
 
 
-def test_sharp_pooled_drop_cuts_lr_by_half_cools_down_for_two_windows_then_cuts_again():
+def test_sharp_pooled_drop_cuts_lr_by_half_cools_down_then_cuts_again_only_if_it_keeps_falling():
     policy = GuardPolicy(GuardConfig())
-    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.68, 0.68, 0.68])
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.66, 0.64, 0.60])
     assert kinds(actions) == ["none", "none", "none", "cut_lr", "none", "none", "cut_lr"]
     first_cut = actions[3]
     assert first_cut.factor == 0.5 and first_cut.step == 4
@@ -89,8 +89,40 @@ def test_sharp_pooled_drop_cuts_lr_by_half_cools_down_for_two_windows_then_cuts_
     assert first_cut.details["lr_before"] == pytest.approx(1e-5)
     assert first_cut.details["lr_after"] == pytest.approx(5e-6)
     assert "cooling down" in actions[4].reason
+    # the second cut answers a further 12% fall from where the first cut left it (0.68 -> 0.60)
+    assert "down 12% from 0.68" in actions[6].reason
     assert actions[6].details["lr_before"] == pytest.approx(5e-6)
     assert policy.multiplier == pytest.approx(0.25)
+
+
+def test_entropy_that_holds_below_its_baseline_after_a_cut_is_not_cut_again():
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [0.8, 0.8, 0.8] + [0.68] * 30)
+    assert kinds(actions).count("cut_lr") == 1
+    assert set(kinds(actions[4:])) == {"none"}
+    assert "not a sharp drop" in actions[-1].reason
+    assert policy.multiplier == 0.5
+
+
+def test_a_drop_reached_slowly_over_many_windows_is_a_level_not_a_sharp_drop():
+    policy = GuardPolicy(GuardConfig(cut_window=5))
+    decline = [0.8] * 3 + [0.8 - 0.004 * i for i in range(1, 60)]  # 0.4% per window, 29% in all
+    actions = drive(policy, decline)
+    assert "cut_lr" not in kinds(actions)
+    # ... until it is deep enough for the halt level (40% is never reached here): nothing at all
+    assert set(kinds(actions)) == {"none"}
+
+
+def test_recovery_run_resumed_below_its_baseline_at_a_lower_rate_runs_on_untouched():
+    """The halt message's advice: resume from the checkpoint before trouble with a lower learning rate.
+    The entropy already sits 9% below the baseline (past the cut line) and then holds: no cut, no halt."""
+    original = GuardPolicy(GuardConfig())
+    drive(original, [0.8, 0.8, 0.8, 0.78, 0.76, 0.75])  # a slow slide to 0.75: never sharp enough to cut
+    resumed = GuardPolicy(GuardConfig())
+    resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
+    actions = drive(resumed, [0.73 + 0.005 * math.sin(i) for i in range(200)], lr0=1e-7, first_step=7)
+    assert set(kinds(actions)) == {"none"}
+    assert resumed.cuts_made == 0
 
 
 def test_single_layer_drop_cuts_and_names_the_layer():
@@ -127,7 +159,7 @@ def test_set_baseline_from_a_probe_batch_lets_the_first_step_be_judged():
 def test_cut_is_clipped_so_the_lr_lands_on_min_lr_and_then_a_further_drop_halts():
     policy = GuardPolicy(GuardConfig(min_lr=1e-7))
     lr0 = 1.5e-7  # x0.5 would give 7.5e-8, below min_lr
-    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.68, 0.68, 0.68], lr0=lr0)
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.68, 0.68, 0.64], lr0=lr0)
     cut = actions[3]
     assert cut.kind == "cut_lr"
     assert cut.factor == pytest.approx(1e-7 / 1.5e-7)
@@ -142,14 +174,31 @@ def test_cut_is_clipped_so_the_lr_lands_on_min_lr_and_then_a_further_drop_halts(
 # ---------------------------------------------------------------- halts
 
 
+# three sharp drops, each 10-12% below where the last cut left it: a cut each, two windows apart
+THREE_CUTS = [0.8, 0.8, 0.8, 0.70, 0.70, 0.70, 0.62, 0.62, 0.62, 0.555, 0.555]
+
+
 def test_collapse_that_continues_after_the_last_allowed_cut_halts_naming_that_cut():
     policy = GuardPolicy(GuardConfig())
-    actions = drive(policy, [0.8, 0.8, 0.8] + [0.68] * 10)
+    actions = drive(policy, [*THREE_CUTS, 0.555, 0.52])  # 6% below 0.555, where the last cut stood
     assert kinds(actions) == ["none"] * 3 + ["cut_lr", "none", "none"] * 3 + ["halt"]
     halt = actions[-1]
     assert halt.step == 13
-    assert "even after the last allowed cut (3 of 3, at step 10)" in halt.reason
+    assert "still falling after the last allowed cut (3 of 3, at step 10)" in halt.reason
+    assert "6% further below the 0.56 it stood at when the last cut was made" in halt.reason
     assert halt.details["check"] == "after_last_cut"
+    assert policy.multiplier == pytest.approx(0.125)
+
+
+def test_run_that_settles_below_its_baseline_after_the_last_cut_runs_on_with_one_settled_event():
+    """Entropy fell 10-30% and held after the cuts: settled, not collapsing (halt level 40% never reached)."""
+    policy = GuardPolicy(GuardConfig())
+    actions = drive(policy, [*THREE_CUTS] + [0.55 + 0.005 * math.sin(i) for i in range(100)])
+    assert kinds(actions).count("cut_lr") == 3
+    assert "halt" not in kinds(actions)
+    settled = [a for a in actions if a.kind == "settled"]
+    assert len(settled) == 1 and settled[0].step == 13  # the first check after the last cut's cooldown
+    assert "has settled below its baseline" in settled[0].reason and "after 3 cut(s)" in settled[0].reason
     assert policy.multiplier == pytest.approx(0.125)
 
 
@@ -233,7 +282,9 @@ def test_a_quarter_of_a_layers_experts_dead_for_three_consecutive_checks_halts()
     policy = _after_uniform_baseline()
     load = [list(UNIFORM), with_dead_experts(2)]  # 2 of 8 = 25% dead in layer 1
     actions = [policy.update(snap(step, 0.8, load=load), LR0) for step in (4, 5, 6)]
-    assert kinds(actions) == ["none", "none", "halt"]
+    # the load concentrating on the other six drops the layer's balance 12% at once: a cut first
+    assert kinds(actions) == ["cut_lr", "none", "halt"]
+    assert "layer 1 balance 0.88 is 12% below its baseline 1.00 (cut threshold 10%)" in actions[0].reason
     assert "layer 1 has had 2 of 8 experts (alive at the baseline) dead" in actions[-1].reason
     assert "for 3 consecutive checks" in actions[-1].reason
     assert actions[-1].details["layers"][0]["dead_experts"] == [0, 1]
@@ -252,7 +303,7 @@ def test_dead_experts_that_recover_before_the_third_check_do_not_halt():
     healthy = [list(UNIFORM), list(UNIFORM)]
     loads = [dead, dead, healthy, dead, dead, healthy, dead]
     actions = [policy.update(snap(step, 0.8, load=load), LR0) for step, load in enumerate(loads, start=1)]
-    assert set(kinds(actions)) == {"none"}
+    assert "halt" not in kinds(actions)
 
 
 def test_one_dead_expert_of_eight_is_under_the_quarter_and_never_halts():
@@ -413,3 +464,26 @@ def test_multiplier_stays_between_min_lr_over_lr0_and_one_and_cuts_never_exceed_
         assert lowest * (1 - 1e-9) <= policy.multiplier <= 1.0
         assert lr0 * policy.multiplier >= min(lr0, min_lr) * (1 - 1e-9)
         assert policy.cuts_made <= max_cuts
+
+
+def test_load_concentrating_on_three_experts_halts_on_balance_while_under_the_load_and_dead_limits():
+    concentrated = [0.31] * 3 + [0.014] * 5  # 2.5x uniform at most, none dead: balance 0.67 (33% down)
+    policy = _after_uniform_baseline()
+    action = policy.update(snap(4, 0.8, load=[list(UNIFORM), concentrated]), LR0)
+    assert action.kind == "halt" and action.details["check"] == "balance_drop"
+    assert "layer 1 balance 0.67 is 33% below its baseline 1.00 (halt threshold 30%)" in action.reason
+
+
+def test_load_starting_to_concentrate_cuts_on_the_sharp_balance_drop():
+    concentrating = [0.28] * 3 + [0.032] * 5  # balance 0.78: 22% down, under the 30% halt
+    policy = _after_uniform_baseline()
+    action = policy.update(snap(4, 0.8, load=[list(UNIFORM), concentrating]), LR0)
+    assert action.kind == "cut_lr"
+    assert "layer 1 balance 0.78 is 22% below its baseline 1.00 (cut threshold 10%)" in action.reason
+
+
+def test_a_halt_resumed_from_keeps_the_cuts_already_in_the_learning_rate():
+    policy = GuardPolicy(GuardConfig())
+    drive(policy, [0.8, 0.8, 0.8, 0.68])
+    policy.restart_episode()
+    assert policy.multiplier == 0.5 and policy.cuts_made == 0 and policy.baseline is None

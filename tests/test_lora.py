@@ -73,3 +73,48 @@ def test_targets_are_checked_on_a_meta_device_model(tiny_mixtral_dir: Path) -> N
         meta = transformers.AutoModelForCausalLM.from_config(config)
     config = build_lora_config(meta, LoraSection(), MIXTRAL)
     assert set(config.target_parameters) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+
+
+def _trainable_modules(peft_model) -> set[str]:
+    """Modules (in the base model's own names) whose full weights train (not LoRA A/B)."""
+    names = set()
+    for name, parameter in peft_model.named_parameters():
+        if parameter.requires_grad and ".modules_to_save." in name:
+            names.add(name.split(".modules_to_save.")[0].removeprefix("base_model.model."))
+    return names
+
+
+def test_router_training_on_qwen2_moe_trains_exactly_the_routers_not_the_shared_expert_gate() -> None:
+    from moe_finetune.models.tiny import build_tiny
+
+    qwen = get_family("qwen2_moe")
+    model = transformers.AutoModelForCausalLM.from_pretrained(build_tiny(qwen))
+    routers = {f"model.layers.{i}.mlp.gate" for i in range(model.config.num_hidden_layers)} - {
+        f"model.layers.{i}.mlp.gate" for i in model.config.mlp_only_layers
+    }
+    assert any(name.endswith("shared_expert_gate") for name, _ in model.named_modules())  # the look-alike
+    peft_model, cov = apply_lora(model, LoraSection(r=4, router=True), qwen)
+    assert cov.router_trainable
+    assert _trainable_modules(peft_model) == routers
+    frozen = [p for n, p in peft_model.named_parameters() if "shared_expert_gate" in n]
+    assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_router_training_on_mixtral_still_trains_every_router(model, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    peft_model, cov = apply_lora(model, LoraSection(r=4, router=True), MIXTRAL)
+    routers = {f"model.layers.{i}.mlp.gate" for i in range(model.config.num_hidden_layers)}
+    assert cov.router_trainable and _trainable_modules(peft_model) == routers
+    # The adapter saved with these names loads the trained routers back.
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if ".modules_to_save." in name:
+                parameter.add_(1.0)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(model.name_or_path)
+    reloaded = dict(PeftModel.from_pretrained(base, tmp_path / "adapter").named_parameters())
+    for name, parameter in peft_model.named_parameters():
+        if ".modules_to_save." in name:
+            assert torch.equal(reloaded[name], parameter), name

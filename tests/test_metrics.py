@@ -11,6 +11,8 @@ from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
     aux_loss,
+    balance,
+    combine_sums,
     dead_experts,
     drop_fraction,
     js_divergence,
@@ -18,6 +20,7 @@ from moe_finetune.routing.metrics import (
     load_cv,
     load_max,
     load_share,
+    lowest_load_balance,
     max_over_layers,
     mean_over_layers,
     min_over_layers,
@@ -161,6 +164,56 @@ def test_layer_without_assignments_has_nan_load_and_no_dead_count():
 
 
 # -----------------------------------------------------------------------------
+# balance: entropy of the load share and of the mean routing distribution
+
+
+def test_balance_of_hand_computed_shares():
+    shares = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(balance(shares), torch.tensor([1.0, 0.5, 0.0]))  # ln 4, ln 2, 0 over ln 4
+
+
+def test_collapsed_top2_of_8_layer_has_load_balance_one_third_and_prob_balance_zero():
+    sums = collapsed_sums()  # every token: experts 0 and 1 chosen, all probability on expert 0
+    load_balance = balance(load_share(sums.assign_counts))
+    torch.testing.assert_close(load_balance, torch.tensor([math.log(2) / math.log(8)]))
+    assert load_balance.item() == pytest.approx(lowest_load_balance(8, 2)) == pytest.approx(1 / 3)
+    assert balance(prob_share(sums.prob_sum, sums.tokens)).tolist() == [0.0]
+    metrics = summarise(sums)
+    assert metrics.balance == metrics.balance_min == pytest.approx(1 / 3) and metrics.prob_balance == 0.0
+
+
+def test_a_confident_router_can_be_perfectly_balanced():
+    # 8 tokens, top-1 of 8, each token certain of a different expert: entropy 0, balance 1
+    sums = RoutingSums.zeros(1, 8, 1, ["l0"])
+    sums.tokens += 8
+    sums.assign_counts += 1
+    sums.prob_sum += 1
+    metrics = summarise(sums)
+    assert metrics.entropy == 0.0
+    assert metrics.balance == pytest.approx(1.0) and metrics.prob_balance == pytest.approx(1.0)
+
+
+def test_balance_of_a_layer_without_tokens_is_nan_and_pooling_skips_it():
+    values = balance(load_share(torch.tensor([[1.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])))
+    assert values[0].item() == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)) / math.log(4))
+    assert math.isnan(values[1]) and min_over_layers(values) == values[0]
+
+
+def test_balance_refuses_a_single_expert():
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        balance(torch.ones(1, 1))
+
+
+def test_lowest_load_balance_is_ln_k_over_ln_e():
+    assert lowest_load_balance(8, 1) == 0.0
+    assert lowest_load_balance(8, 2) == pytest.approx(1 / 3)
+    assert lowest_load_balance(64, 8) == pytest.approx(0.5)
+    assert lowest_load_balance(8, 8) == 1.0
+    with pytest.raises(ValueError, match="top_k"):
+        lowest_load_balance(8, 9)
+
+
+# -----------------------------------------------------------------------------
 # aux loss and z-loss
 
 
@@ -296,6 +349,9 @@ def test_summarise_uniform_router():
         {
             "routing/entropy": 1.0,
             "routing/entropy_min": 1.0,
+            "routing/balance": 1.0,
+            "routing/balance_min": 1.0,
+            "routing/prob_balance": 1.0,
             "routing/load_max": 1.0,
             "routing/load_cv": 0.0,
             "routing/dead_experts": 0.0,
@@ -325,6 +381,11 @@ def test_summarise_skips_a_layer_without_tokens():
     )
     assert all(math.isnan(x) for x in metrics.load_share[1] + metrics.prob_share[1])
     assert math.isnan(metrics.layer_z_loss[1]) and metrics.z_loss == 0.0
+    # all load on experts 0 and 1 (share 1/2 each), and so is the mean probability: both at 1/3
+    assert metrics.layer_balance[0] == pytest.approx(1 / 3) and math.isnan(metrics.layer_balance[1])
+    assert metrics.layer_prob_balance[0] == pytest.approx(1 / 3) and math.isnan(metrics.layer_prob_balance[1])
+    assert metrics.balance == metrics.balance_min == pytest.approx(1 / 3)
+    assert metrics.prob_balance == pytest.approx(1 / 3)
 
 
 def test_summarise_flags_non_finite_sums():
@@ -354,6 +415,9 @@ def test_pooled_has_exactly_the_logger_keys():
     assert set(summarise(uniform_sums()).pooled()) == {
         "routing/entropy",
         "routing/entropy_min",
+        "routing/balance",
+        "routing/balance_min",
+        "routing/prob_balance",
         "routing/load_max",
         "routing/load_cv",
         "routing/dead_experts",
@@ -368,6 +432,7 @@ def test_per_layer_gives_one_record_per_layer_with_load_and_prob():
     assert [r["layer"] for r in records] == ["l0", "l1"]
     assert records[0]["load"] == [0.25] * 4 and records[0]["prob"] == [0.25] * 4
     assert records[0]["entropy"] == pytest.approx(1.0) and records[0]["tokens"] == 16
+    assert records[0]["balance"] == pytest.approx(1.0) and records[0]["prob_balance"] == pytest.approx(1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -410,6 +475,52 @@ def test_adding_sums_of_different_models_is_refused():
         uniform_sums(num_experts=8) + uniform_sums(num_experts=4)
 
 
+def split_by_layer(sums: RoutingSums, owner: list[int], parts: int) -> list[RoutingSums]:
+    """What per-device capture keeps: part d holds the rows of the layers on device d, zeros elsewhere."""
+    pieces = []
+    for device in range(parts):
+        rows = torch.tensor([owner_ == device for owner_ in owner])
+        piece = RoutingSums.zeros(
+            len(owner), sums.num_experts, sums.top_k, sums.layer_names, dtype=torch.float64
+        )
+        for name in ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum", "overflow"):
+            full = getattr(sums, name).double()
+            mask = rows.reshape(rows.shape + (1,) * (full.dim() - 1))
+            getattr(piece, name).copy_(torch.where(mask, full, 0.0))
+        pieces.append(piece)
+    return pieces
+
+
+def test_sums_kept_per_device_combine_to_the_single_device_sums():
+    gen = torch.Generator().manual_seed(4)
+    whole = sums_from_logits(tuple(torch.randn(12, 8, generator=gen) for _ in range(4)), top_k=2)
+    parts = split_by_layer(whole, owner=[0, 0, 1, 1], parts=2)
+    combined = combine_sums(parts)
+    for name in ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum", "overflow"):
+        torch.testing.assert_close(getattr(combined, name), getattr(whole, name).double(), msg=name)
+    assert (combined.num_experts, combined.top_k, combined.layer_names) == (8, 2, whole.layer_names)
+    assert combined.tokens.dtype == torch.float64 and combined.device == torch.device("cpu")
+    assert summarise(combined).pooled() == pytest.approx(summarise(whole).pooled(), rel=1e-5)
+    # the same as adding them on one device, and the all_reduce round trip still works on the result
+    torch.testing.assert_close(combine_sums(parts).assign_counts, (parts[0] + parts[1]).assign_counts)
+    assert torch.equal(combined.from_tensor(combined.as_tensor()).prob_sum, combined.prob_sum)
+
+
+def test_combined_sums_are_a_copy_and_a_single_part_combines_to_itself():
+    part = uniform_sums()
+    combined = combine_sums([part], device="cpu")
+    part.tokens.zero_()  # a reset of the running sums after the log
+    assert combined.tokens.tolist() == [16.0, 16.0]
+    assert combined.tokens.dtype == part.tokens.dtype  # the first part's dtype
+
+
+def test_combining_sums_of_different_models_or_none_is_refused():
+    with pytest.raises(ValueError, match="different models"):
+        combine_sums([uniform_sums(num_experts=8), uniform_sums(num_experts=4)])
+    with pytest.raises(ValueError, match="at least one"):
+        combine_sums([])
+
+
 # -----------------------------------------------------------------------------
 # invariants
 
@@ -428,6 +539,73 @@ def test_normalised_entropy_is_between_zero_and_one(rows):
     entropy_sum = token_entropy(probs).sum().reshape(1)
     entropy = normalised_entropy(entropy_sum, torch.tensor([float(num_tokens)]), num_experts)
     assert 0.0 <= entropy.item() <= 1.0
+
+
+@FAST
+@given(
+    st.lists(
+        st.lists(st.floats(0, 1e6), min_size=8, max_size=8).filter(lambda r: sum(r) > 0),
+        min_size=1,
+        max_size=4,
+    ),
+    st.permutations(range(8)),
+)
+def test_balance_is_between_zero_and_one_and_ignores_expert_order(counts, order):
+    share = load_share(torch.tensor(counts, dtype=torch.float64))
+    values = balance(share)
+    assert ((values >= 0) & (values <= 1)).all()
+    torch.testing.assert_close(balance(share[:, list(order)]), values)
+
+
+@FAST
+@given(st.integers(2, 16), st.integers(0, 2**31 - 1), st.integers(1, 3))
+def test_balance_is_one_when_even_and_zero_when_one_expert_takes_all(num_experts, seed, layers):
+    even = torch.full((layers, num_experts), 1.0 / num_experts, dtype=torch.float64)
+    torch.testing.assert_close(balance(even), torch.ones(layers, dtype=torch.float64))
+    winner = torch.randint(num_experts, (layers,), generator=torch.Generator().manual_seed(seed))
+    one_hot = torch.nn.functional.one_hot(winner, num_experts).double()
+    assert balance(one_hot).tolist() == [0.0] * layers
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1), st.integers(2, 16), st.data())
+def test_top_k_load_balance_never_falls_below_ln_k_over_ln_e(seed, num_experts, data):
+    """Whatever k distinct experts each token picks (collapse included), the share stays <= 1/k."""
+    top_k = data.draw(st.integers(1, num_experts))
+    tokens = data.draw(st.integers(1, 20))
+    collapsed = data.draw(st.booleans())
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(1 if collapsed else tokens, num_experts, generator=gen).expand(tokens, num_experts)
+    chosen = scores.topk(top_k, dim=-1).indices  # (N, k), distinct experts per token
+    counts = torch.zeros(1, num_experts, dtype=torch.float64).index_add_(
+        1, chosen.reshape(-1), torch.ones(1, chosen.numel(), dtype=torch.float64)
+    )
+    value = balance(load_share(counts)).item()
+    floor = lowest_load_balance(num_experts, top_k)
+    assert value >= floor - 1e-9
+    if collapsed:  # every token picked the same k experts: exactly at the floor
+        assert value == pytest.approx(floor, abs=1e-9)
+
+
+@FAST
+@given(logits_rows)
+def test_mean_distribution_balance_is_at_least_the_mean_token_entropy(rows):
+    """Entropy is concave: the mean routing distribution is never less even than its tokens are."""
+    probs = torch.tensor(rows, dtype=torch.float64).softmax(-1)
+    num_tokens, num_experts = probs.shape
+    tokens = torch.tensor([float(num_tokens)], dtype=torch.float64)
+    entropy = normalised_entropy(token_entropy(probs).sum().reshape(1), tokens, num_experts)
+    prob_balance = balance(prob_share(probs.sum(0, keepdim=True), tokens))
+    assert (prob_balance >= entropy - 1e-9).all() and 0.0 <= prob_balance.item() <= 1.0
+
+
+@FAST
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(0, 2), min_size=1, max_size=5))
+def test_combining_per_device_sums_equals_the_single_device_sums(seed, owner):
+    gen = torch.Generator().manual_seed(seed)
+    whole = sums_from_logits(tuple(3 * torch.randn(6, 4, generator=gen) for _ in owner), top_k=2)
+    combined = combine_sums(split_by_layer(whole, owner, parts=3))
+    assert torch.equal(combined.as_tensor(), whole.as_tensor())
 
 
 @FAST

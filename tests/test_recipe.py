@@ -143,3 +143,88 @@ def test_resolved_recipe_round_trips(recipe_factory, tmp_path: Path) -> None:
     reloaded = load_recipe(again)
     assert reloaded.lora.r == 4
     assert reloaded.training_args() == recipe.training_args()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("training.learning_rate=0", "training.learning_rate: 0 is not a usable learning rate (must be > 0)"),
+        ("training.learning_rate=-3e-5", "training.learning_rate: -3e-05 is not a usable learning rate"),
+        ("training.learning_rate=.nan", "training.learning_rate: nan is not a usable learning rate"),
+        ("training.learning_rate=.inf", "must be a finite number > 0"),
+        ("training.max_steps=0", "training.max_steps: 0 is not a usable step count"),
+        ("training.max_steps=-2", "or -1 to train for num_train_epochs"),
+        ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size: 0 is not a usable"),
+        ("training.per_device_eval_batch_size=-1", "training.per_device_eval_batch_size: -1 is not a usable"),
+        (
+            "training.per_device_train_batch_size=true",
+            "training.per_device_train_batch_size: true is not a number",
+        ),
+        ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps: 0 is not a usable"),
+        ("training.warmup_steps=-1", "training.warmup_steps: -1 is not a usable warmup"),
+        ("training.max_length=0", "training.max_length: 0 is not a usable sequence length"),
+        ("training.logging_steps=0", "training.logging_steps: 0 is not a usable logging interval"),
+        ("training.logging_steps=2.5", "training.logging_steps: 2.5 is not a usable logging interval"),
+        ("training.save_steps=-10", "training.save_steps: -10 is not a usable checkpoint interval"),
+        ("training.eval_steps=0", "training.eval_steps: 0 is not a usable evaluation interval"),
+        ("training.weight_decay=-0.1", "training.weight_decay: -0.1 is not a usable weight decay"),
+        ("training.max_grad_norm=-1", "training.max_grad_norm: -1 is not a usable gradient-norm limit"),
+        ("training.save_total_limit=0", "training.save_total_limit: 0 is not a usable checkpoint limit"),
+        ("training.adam_beta2=1", "training.adam_beta2: 1 is not a usable Adam beta (must be in [0, 1))"),
+        ("training.seed=-1", "training.seed: -1 is not a usable seed"),
+    ],
+)
+def test_training_numbers_that_make_no_run_are_refused_naming_the_field(
+    recipe_factory, override: str, message: str
+) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe_factory(), [override])
+    assert message in str(info.value)
+    assert "training: training." not in str(info.value)  # the field is named once
+
+
+def test_zero_epochs_are_refused_unless_max_steps_sets_the_length(recipe_factory) -> None:
+    with pytest.raises(RecipeError, match="training.num_train_epochs: 0 is not a usable number of epochs"):
+        load_recipe(recipe_factory(), ["training.max_steps=-1", "training.num_train_epochs=0"])
+    assert load_recipe(recipe_factory(), ["training.num_train_epochs=0"]).training["max_steps"] == 4
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.logging_steps=0.1",  # fractions of the total steps, as HF reads them
+        "training.save_steps=0.25",
+        "training.eval_steps=0.5",
+        "training.warmup_steps=0.03",
+        "training.max_length=null",
+        "training.save_total_limit=null",
+        "training.max_grad_norm=0",
+        "training.max_steps=-1",
+        "training.num_train_epochs=0.5",
+    ],
+)
+def test_fractional_intervals_and_documented_nulls_stay_valid(recipe_factory, override: str) -> None:
+    load_recipe(recipe_factory(), [override])
+
+
+def test_restoring_callback_states_from_a_checkpoint_is_refused_saying_why_and_what_to_do(
+    recipe_factory,
+) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe_factory(), ["training.restore_callback_states_from_checkpoint=true"])
+    message = str(info.value)
+    assert "training.restore_callback_states_from_checkpoint" in message
+    assert "cannot see" in message and "restores its own state" in message and "remove it" in message
+    load_recipe(recipe_factory(), ["training.restore_callback_states_from_checkpoint=false"])
+
+
+def test_warmup_ratio_from_older_transformers_points_to_warmup_steps(recipe_factory) -> None:
+    with pytest.raises(RecipeError, match=r"training.warmup_ratio is gone .* warmup_steps: 0.1"):
+        load_recipe(recipe_factory(), ["training.warmup_ratio=0.1"])
+
+
+def test_a_min_lr_at_or_above_the_learning_rate_warns_that_the_guard_cannot_cut(recipe_factory) -> None:
+    recipe = load_recipe(recipe_factory(), ["training.learning_rate=1e-6", "guards.min_lr=1e-6"])
+    assert any("guards.min_lr" in warning and "never cut" in warning for warning in recipe_warnings(recipe))
+    recipe = load_recipe(recipe_factory(), ["training.learning_rate=1e-5"])
+    assert not any("guards.min_lr" in warning for warning in recipe_warnings(recipe))

@@ -13,21 +13,40 @@ from typing import Any
 from transformers import TrainerCallback
 
 from moe_finetune.errors import DatasetTooSmallError
-
-DEFAULT_MIN_EXAMPLES = 10_000
+from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
 
 def check_dataset_size(
-    count: int, min_examples: int = DEFAULT_MIN_EXAMPLES, source: str = "the dataset"
+    count: int,
+    min_examples: int = DEFAULT_MIN_EXAMPLES,
+    source: str = "the dataset",
+    *,
+    rows_in_file: int | None = None,
+    eval_rows: int | None = None,
 ) -> None:
-    """Refuse small datasets (exit 3): the count, the threshold and both ways to override."""
-    if count < min_examples:
-        raise DatasetTooSmallError(
-            f"dataset refused: {source} has {count:,} training examples, fewer than the minimum of "
-            f"{min_examples:,}. MoE routers tend to collapse when fine-tuned on small datasets. To train "
-            f"anyway, lower data.min_examples in the recipe (e.g. --set data.min_examples={count}) or pass "
-            "--allow-small-dataset (DatasetSizeGuard(min_examples=...) or allow_small=True in Python)."
-        )
+    """Refuse small datasets (exit 3): the count, the threshold and both ways to override.
+
+    `rows_in_file` (and `eval_rows`, the rows held out by data.eval_fraction) say where the other
+    rows went when the file holds more rows than there are training examples, so that "9,799
+    training examples" from a file a user knows has 9,999 rows is not a puzzle.
+    """
+    if count >= min_examples:
+        return
+    size = f"{count:,} training examples"
+    if rows_in_file is not None and rows_in_file != count:
+        cut = rows_in_file - count - (eval_rows or 0)  # what data.max_examples left out
+        held_out = [f"holding out {eval_rows:,} for evaluation (data.eval_fraction)"] if eval_rows else []
+        beyond_max = [f"leaving out {cut:,} beyond data.max_examples"] if cut > 0 else []
+        known = eval_rows is not None and bool(held_out or beyond_max)
+        unknown = "the eval split (data.eval_fraction) and any data.max_examples cut"
+        where = " and ".join(held_out + beyond_max) if known else unknown
+        size = f"{rows_in_file:,} rows, {size} after {where}"
+    raise DatasetTooSmallError(
+        f"dataset refused: {source} has {size}, fewer than the minimum of "
+        f"{min_examples:,}. MoE routers tend to collapse when fine-tuned on small datasets. To train "
+        f"anyway, lower data.min_examples in the recipe (e.g. --set data.min_examples={count}) or pass "
+        "--allow-small-dataset (DatasetSizeGuard(min_examples=...) or allow_small=True in Python)."
+    )
 
 
 def count_examples(dataset: Any) -> int:

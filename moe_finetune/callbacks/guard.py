@@ -2,12 +2,15 @@
 
 The policy (`routing/policy.py`) decides from numbers alone; this adapter only acts:
 
-- a cut multiplies the optimizer's learning rate *and* the scheduler's base rates by the factor,
-  so every schedule the Trainer offers (LambdaLR-based linear, cosine, constant-with-warmup, ...)
-  continues with the same shape, scaled; the scheduler state saved in each checkpoint carries it;
-- a halt asks the Trainer to save a checkpoint at this step and stop, and writes
-  `collapse_report.md`; `moe-finetune train` then exits with code 4;
-- every action is logged as `routing/guard_action` (0 none, 1 cut, 2 halt), appended to
+- a cut multiplies the optimizer's learning rate *and* the scheduler's reference rates by the factor
+  (`callbacks/lr.py`), so the schedule continues with the same shape, scaled; the scheduler state
+  saved in each checkpoint carries it;
+- a halt asks the Trainer to save a checkpoint at this step and stop, and writes `collapse_report.md`;
+  `moe-finetune train` then exits with code 4;
+- when the guard first acts, the last checkpoint saved before that step is copied out of the
+  Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run always has a
+  healthy point to go back to (one is saved at that step when none exists yet);
+- every action is logged as `routing/guard_action` (1 cut, 2 halt, 3 settled), appended to
   `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line.
 
 Decisions depend only on metrics that the monitor has all-reduced across processes, so every rank
@@ -17,6 +20,9 @@ takes the same decision at the same step; only rank 0 writes files.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,48 +30,24 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot
-from moe_finetune.rundir import EVENTS_FILE, REPORT_FILE, append_jsonl, checkpoint_steps
+from moe_finetune.callbacks.collapse_report import write_collapse_report
+from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, peak_learning_rate, scale_learning_rate
+from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot, load_limit_problem
+from moe_finetune.rundir import (
+    EVENTS_FILE,
+    KEPT_CHECKPOINT_DIR,
+    append_jsonl,
+    checkpoint_steps,
+    keep_records_up_to,
+)
 from moe_finetune.sections import GuardConfig
 
-ACTION_CODES = {"none": 0, "cut_lr": 1, "halt": 2}
+ACTION_CODES = {"none": 0, "cut_lr": 1, "halt": 2, "settled": 3}
 
 
-def unwrap_scheduler(scheduler: Any) -> Any:
-    """accelerate wraps the scheduler; the base rates live on the inner one."""
-    return getattr(scheduler, "scheduler", scheduler)
-
-
-def scale_learning_rate(optimizer: Any, scheduler: Any, factor: float) -> tuple[float, float]:
-    """Multiply the current and the scheduled learning rate by `factor`; return (lr before, lr after).
-
-    LambdaLR-style schedulers compute `base_lr * lambda(step)`, so scaling `base_lrs` keeps the
-    schedule's shape for every later step; the current rate is scaled too, so the very next
-    optimizer step already uses the cut rate. ReduceLROnPlateau works from the group rates alone.
-    """
-    before = float(optimizer.param_groups[0]["lr"])
-    for group in optimizer.param_groups:
-        group["lr"] = group["lr"] * factor
-        if "initial_lr" in group:
-            group["initial_lr"] = group["initial_lr"] * factor
-    inner = unwrap_scheduler(scheduler)
-    if inner is not None and hasattr(inner, "base_lrs"):
-        inner.base_lrs = [lr * factor for lr in inner.base_lrs]
-        if hasattr(inner, "_last_lr"):
-            inner._last_lr = [group["lr"] for group in optimizer.param_groups]
-    return before, float(optimizer.param_groups[0]["lr"])
-
-
-def peak_learning_rate(optimizer: Any, scheduler: Any) -> float:
-    """The rate a cut scales: the schedule's base rate (not the warm-up- or decay-scaled current one)."""
-    inner = unwrap_scheduler(scheduler)
-    if inner is not None and getattr(inner, "base_lrs", None):
-        return float(inner.base_lrs[0])
-    return float(optimizer.param_groups[0]["lr"])
-
-
-def snapshot_from_metrics(step: int, metrics: Any) -> RoutingSnapshot:
+def snapshot_from_metrics(step: int, metrics: Any, top_k: int | None = None) -> RoutingSnapshot:
     """A RoutingMetrics (routing/metrics.py) as the policy's input."""
+    layer_balance = getattr(metrics, "layer_balance", None)
     return RoutingSnapshot(
         step=step,
         entropy=float(metrics.entropy),
@@ -74,6 +56,8 @@ def snapshot_from_metrics(step: int, metrics: Any) -> RoutingSnapshot:
         finite=bool(metrics.finite),
         layer_names=list(metrics.layer_names),
         dead_threshold=float(metrics.dead_threshold),
+        layer_balance=None if layer_balance is None else [float(v) for v in layer_balance],
+        top_k=top_k,
     )
 
 
@@ -82,12 +66,29 @@ def append_event(output_dir: Path, event: dict[str, Any]) -> None:
     append_jsonl(output_dir / EVENTS_FILE, event)
 
 
+def keep_out_of_rotation(checkpoint: Path, output_dir: Path) -> Path:
+    """Copy a checkpoint to OUTPUT/last-healthy/ (hard links where the file system allows: no extra space)."""
+    target = output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(checkpoint, target, copy_function=link_or_copy)
+    return target
+
+
 class EntropyGuard(TrainerCallback, ExportableState):
     """Cut the learning rate on a sharp routing-entropy drop; halt on expert collapse.
 
     Needs routing metrics at each logging step: give it the RoutingMonitor it should read
-    (`attach(trainer, monitor, guard)` does), or let it find the monitor running on the same model;
-    with no monitor at all it runs one of its own.
+    (`attach(trainer, monitor, guard)` does), or let it find the monitor running on the same model
+    (in either order of `callbacks=[...]`); with no monitor at all it runs one of its own.
     """
 
     def __init__(
@@ -110,7 +111,10 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.halt_step: int | None = None
         self.events: list[dict[str, Any]] = []
         self.initial_lr: float | None = None
+        self.kept_checkpoint: Path | None = None  # the healthy checkpoint kept out of rotation
+        self._keep_at_save: int | None = None  # keep the checkpoint the Trainer saves at this step
         self._pending_log: dict[str, float] = {}
+        self._begin: tuple[Any, Any, Any, dict[str, Any]] | None = None
 
     # --- state saved into every checkpoint (trainer_state.json, stateful_callbacks) ---
     def state(self) -> dict[str, Any]:
@@ -120,6 +124,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 "_saved_policy": self.policy.state_dict(),
                 "_saved_initial_lr": self.initial_lr,
                 "_saved_halt_step": self.halt_step,
+                "_saved_kept_checkpoint": None if self.kept_checkpoint is None else str(self.kept_checkpoint),
             },
         }
 
@@ -129,6 +134,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         if not policy_state:
             return
         self.policy.load_state_dict(policy_state)
+        kept = attributes.get("_saved_kept_checkpoint")
+        self.kept_checkpoint = Path(kept) if kept else None
         saved_lr = attributes.get("_saved_initial_lr")
         self.initial_lr = saved_lr
         halt_step = attributes.get("_saved_halt_step")
@@ -140,15 +147,11 @@ class EntropyGuard(TrainerCallback, ExportableState):
             before, after = scale_learning_rate(self.optimizer, self.scheduler, requested / current)
             self.initial_lr = requested
             self._record(
-                "resume_lr",
-                f"resumed with learning rate {requested:g} (was {current:g})",
-                state,
-                None,
-                before,
-                after,
+                "resume_lr", f"resumed with learning rate {requested:g} (was {current:g})", state, None, before, after
             )
         if halt_step is not None:
-            # The run halted here before: a fresh guard episode, judged against a new baseline.
+            # The run halted here before: a fresh guard episode, judged against a new baseline; the
+            # cuts already made stay in the learning rate (and in the multiplier).
             self.policy.restart_episode()
             self._record(
                 "resume_after_halt",
@@ -161,23 +164,26 @@ class EntropyGuard(TrainerCallback, ExportableState):
 
     # --- Trainer events ---
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-        from moe_finetune.callbacks.monitor import MONITOR_ATTRIBUTE, RoutingMonitor
+        from moe_finetune.callbacks.monitor import MONITOR_ATTRIBUTE
 
         self.optimizer, self.scheduler = optimizer, lr_scheduler
         self.is_main = state.is_world_process_zero
         if self.output_dir is None:
             self.output_dir = Path(args.output_dir)
+        if self.config.enabled and lr_scheduler is not None:
+            check_scheduler_can_be_cut(lr_scheduler)
+        if self.is_main:
+            # a resumed run continues after its checkpoint's step: events past it (from the attempt
+            # that stopped) did not happen in this run's history; a fresh run starts the file over
+            keep_records_up_to(self.output_dir / EVENTS_FILE, int(state.global_step))
         if self.monitor is None:
             self.monitor = getattr(model, MONITOR_ATTRIBUTE, None)
         if self.monitor is None:
-            # No monitor registered before us: run our own, driven by our own events.
-            self.monitor = RoutingMonitor(self.output_dir, capacity_factor=self.config.capacity_factor)
-            self._owns_monitor = True
-            self.monitor.on_train_begin(
-                args, state, control, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, **kwargs
-            )
-        if self._on_metrics not in self.monitor._listeners:
-            self.monitor.add_listener(self._on_metrics)
+            # A RoutingMonitor listed after us starts in its own on_train_begin, after this one: wait
+            # for the first step to see whether it did, before running one of our own.
+            self._begin = (args, state, control, {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler, **kwargs})
+        else:
+            self._listen(self.monitor)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if state.global_step > 0 and saved:
             self._restore(saved[0] if isinstance(saved, list) else saved, args, state)
@@ -186,27 +192,64 @@ class EntropyGuard(TrainerCallback, ExportableState):
             state.stateful_callbacks[type(self).__name__] = self.state()
         if self.initial_lr is None:
             self.initial_lr = (
-                peak_learning_rate(optimizer, lr_scheduler)
-                if optimizer is not None
-                else float(args.learning_rate)
+                peak_learning_rate(optimizer, lr_scheduler) if optimizer is not None else float(args.learning_rate)
             )
         return control
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self._begin is not None:
+            from moe_finetune.callbacks.monitor import MONITOR_ATTRIBUTE, RoutingMonitor
+
+            begin_args, begin_state, begin_control, begin_kwargs = self._begin
+            self._begin = None
+            found = getattr(begin_kwargs["model"], MONITOR_ATTRIBUTE, None)
+            if found is None:
+                # No monitor registered at all: run our own, driven by our own events.
+                found = RoutingMonitor(self.output_dir)
+                self._owns_monitor = True
+                found.on_train_begin(begin_args, begin_state, begin_control, **begin_kwargs)
+            self._listen(found)
+        return control
+
+    def _listen(self, monitor: Any) -> None:
+        self.monitor = monitor
+        if self._on_metrics not in monitor._listeners:
+            monitor.add_listener(self._on_metrics)
+        capture = getattr(monitor, "capture", None)
+        if capture is not None and self.config.enabled:
+            problem = load_limit_problem(self.config, capture.num_experts, capture.top_k)
+            if problem is not None:
+                warnings.warn(problem, UserWarning, stacklevel=2)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._owns_monitor:
             self.monitor.on_step_end(args, state, control, **kwargs)
         return control
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self._owns_monitor:
+            self.monitor.on_epoch_end(args, state, control, **kwargs)
+        return control
+
     def _on_metrics(self, step: int, metrics: Any, state: Any, control: Any) -> None:
         """The monitor's listener: judge this logging step's (all-reduced) metrics and act at once."""
         if not self.config.enabled or self.optimizer is None:
             return
+        top_k = getattr(getattr(self.monitor, "capture", None), "top_k", None)
         action = self.policy.update(
-            snapshot_from_metrics(step, metrics), peak_learning_rate(self.optimizer, self.scheduler)
+            snapshot_from_metrics(step, metrics, top_k), peak_learning_rate(self.optimizer, self.scheduler)
         )
+        if action.details.get("unreachable_load_layers"):
+            self._record("warning", action.reason, state, action, None, None, metrics)
         if action.kind == "none":
             return
         self._pending_log["routing/guard_action"] = float(ACTION_CODES[action.kind])
+        if action.kind in ("cut_lr", "halt"):
+            self._keep_healthy_checkpoint(step, control)
+        if action.kind == "settled":
+            lr = float(self.optimizer.param_groups[0]["lr"])
+            self._record("settled", action.reason, state, action, lr, lr, metrics)
+            return
         if action.kind == "cut_lr":
             before, after = scale_learning_rate(self.optimizer, self.scheduler, action.factor)
             self._record("cut_lr", action.reason, state, action, before, after, metrics)
@@ -217,6 +260,31 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self._record("halt", action.reason, state, action, lr, lr, metrics)
         control.should_save = True
         control.should_training_stop = True
+
+    def _keep_healthy_checkpoint(self, step: int, control: Any) -> None:
+        """When the guard first acts: keep the last checkpoint before `step` out of rotation (or save one now)."""
+        if self.kept_checkpoint is not None or self._keep_at_save is not None or self.output_dir is None:
+            return
+        earlier = [s for s in checkpoint_steps(self.output_dir) if s < step]
+        if earlier:
+            if self.is_main:
+                self.kept_checkpoint = keep_out_of_rotation(self.output_dir / f"checkpoint-{earlier[-1]}", self.output_dir)
+            else:
+                self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / f"checkpoint-{earlier[-1]}"
+            return
+        # None saved yet: the weights before this step's update are the best point left.
+        control.should_save = True
+        self._keep_at_save = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._keep_at_save is not None and state.global_step == self._keep_at_save and self.output_dir is not None:
+            checkpoint = self.output_dir / f"checkpoint-{self._keep_at_save}"
+            if self.is_main and checkpoint.is_dir():
+                self.kept_checkpoint = keep_out_of_rotation(checkpoint, self.output_dir)
+            elif not self.is_main:
+                self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
+            self._keep_at_save = None
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._owns_monitor:
@@ -271,103 +339,6 @@ class EntropyGuard(TrainerCallback, ExportableState):
             if self.output_dir is not None:
                 append_event(self.output_dir, event)
             if self.echo is not None:
-                label = {"cut_lr": "CUT LR", "halt": "HALT"}.get(kind, kind)
+                label = {"cut_lr": "CUT LR", "halt": "HALT", "settled": "SETTLED", "warning": "WARNING"}.get(kind, kind)
                 lrs = f" (lr {lr_before:.3g} -> {lr_after:.3g})" if kind == "cut_lr" else ""
                 self.echo(f"[guard] step {state.global_step}: {label}{lrs}: {reason}")
-
-
-def checkpoint_before_trouble(output_dir: Path, events: list[dict[str, Any]]) -> Path | None:
-    """The latest checkpoint saved before the guard's first cut or halt: the place to resume from.
-
-    Resuming from the halt checkpoint itself starts from collapsed routers, which the guard's
-    absolute limits (expert load, dead experts) will usually stop again at once.
-    """
-    trouble = [e["step"] for e in events if e.get("action") in ("cut_lr", "halt")]
-    if not trouble:
-        return None
-    first = min(trouble)
-    steps = [step for step in checkpoint_steps(output_dir, complete_only=False) if step < first]
-    return output_dir / f"checkpoint-{max(steps)}" if steps else None
-
-
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, spec)
-
-
-def write_collapse_report(output_dir: Path, guard: EntropyGuard) -> Path:
-    """`collapse_report.md`: what happened, in which layers, with the numbers, and how to go on."""
-    halt = guard.events[-1] if guard.events and guard.events[-1]["action"] == "halt" else None
-    step = guard.halt_step
-    lines = [
-        "# Training halted: routing collapse",
-        "",
-        f"- **Step:** {step}",
-        f"- **Reason:** {guard.halted.reason if guard.halted else 'n/a'}",
-        f"- **Checkpoint:** `{output_dir / f'checkpoint-{step}'}` (saved at the halt)",
-        f"- **Learning-rate cuts before the halt:** {guard.policy.cuts_made} (multiplier {guard.policy.multiplier:g})",
-        "",
-    ]
-    earlier = checkpoint_before_trouble(output_dir, guard.events)
-    if earlier is not None:
-        lines += [
-            f"To go on from `{earlier.name}`, the last checkpoint saved before the guard first acted, with a lower "
-            "learning rate:",
-            "",
-            "```bash",
-            f"moe-finetune train RECIPE --output-dir {output_dir} --resume {earlier} --set training.learning_rate=LOWER_LR",
-            "```",
-            "",
-        ]
-    lines += [
-        "Resuming from the halt checkpoint itself (`--resume` alone) re-measures the guard's baseline, but starts "
-        "from the collapsed routers: the guard's absolute limits (expert load, dead experts) may stop it again.",
-        "",
-    ]
-    if halt is not None and "layer_entropy" in halt:
-        baseline = halt.get("baseline", {}) or {}
-        layer_baseline = baseline.get("layer_entropy") or [None] * len(halt["layer_entropy"])
-        names = (
-            guard.monitor.latest.layer_names if guard.monitor is not None and guard.monitor.latest else None
-        ) or [str(i) for i in range(len(halt["layer_entropy"]))]
-        pooled = halt.get("metrics", {})
-        lines += [
-            "## Routing at the halt",
-            "",
-            f"Pooled normalised routing entropy {_fmt(pooled.get('routing/entropy'))} "
-            f"(baseline {_fmt(baseline.get('entropy'))}); largest expert load "
-            f"{_fmt(pooled.get('routing/load_max'), '.2f')}x uniform; dead experts {pooled.get('routing/dead_experts')}.",
-            "",
-            "| layer | entropy | baseline | drop | load max (x uniform) | dead experts |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, ent, base, load_max, dead in zip(
-            names,
-            halt["layer_entropy"],
-            layer_baseline,
-            halt["layer_load_max"],
-            halt["layer_dead_experts"],
-            strict=False,
-        ):
-            drop = (base - ent) / base if base and ent is not None and math.isfinite(ent) else None
-            lines.append(
-                f"| {name} | {_fmt(ent)} | {_fmt(base)} | {_fmt(drop, '.0%')} | {_fmt(load_max, '.2f')} | "
-                f"{_fmt(dead, '.0f')} |"
-            )
-        lines.append("")
-    lines += [
-        "## Guard events",
-        "",
-        "| step | action | lr before | lr after | reason |",
-        "|---|---|---|---|---|",
-    ]
-    for event in guard.events:
-        lines.append(
-            f"| {event['step']} | {event['action']} | {_fmt(event.get('lr_before'), '.3g')} | "
-            f"{_fmt(event.get('lr_after'), '.3g')} | {event['reason']} |"
-        )
-    path = output_dir / REPORT_FILE
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path

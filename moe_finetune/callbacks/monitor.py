@@ -35,7 +35,7 @@ from transformers import TrainerCallback
 from moe_finetune.routing.capture import RoutingCapture
 from moe_finetune.routing.metrics import RoutingMetrics, summarise
 from moe_finetune.routing.probe import Drift, ProbeResult, compare_probes, probe_routing, take_probe_batch
-from moe_finetune.rundir import ROUTING_FILE, append_jsonl, json_safe, keep_records_up_to
+from moe_finetune.rundir import ROUTING_FILE, ROUTING_PROBE_FILE, append_jsonl, json_safe, keep_records_up_to
 
 Listener = Callable[[int, RoutingMetrics, Any, Any], None]
 Echo = Callable[[str], None]
@@ -66,10 +66,13 @@ class RoutingMonitor(TrainerCallback):
             last measurement (and at the first logging step). A probe is one no-grad forward of
             `probe_size` rows: every logging step would cost far more than the monitor itself.
         dead_threshold: an expert is dead below this multiple of the uniform load share.
+        history_size: how many of the latest routing.jsonl records `history` keeps in memory (at most
+            twice that between trims).
         echo: where the end-of-training table is printed (main process only); None = silent.
 
-    A resumed run takes its probe when it resumes, so its drift is measured from the checkpoint, and
-    routing.jsonl lines past the checkpoint's step (from the attempt that stopped) are dropped.
+    The probe's routing at the start is kept in the run directory (routing_probe.pt), so a resumed run
+    measures drift from the start too; routing.jsonl lines past the checkpoint's step (from the attempt
+    that stopped) are dropped.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class RoutingMonitor(TrainerCallback):
         probe_size: int = 8,
         drift_steps: int = 50,
         dead_threshold: float = 0.1,
+        history_size: int = 1000,
         echo: Echo | None = None,
     ) -> None:
         if probe_size < 0 or drift_steps < 1:
@@ -94,7 +98,10 @@ class RoutingMonitor(TrainerCallback):
         self.latest: RoutingMetrics | None = None
         self.latest_step: int | None = None
         self.latest_drift: Drift | None = None
-        self.history: list[dict[str, Any]] = []  # the routing.jsonl records, on every rank
+        # The latest routing.jsonl records, on every rank: bounded, because a 100k-step run of a
+        # 64-expert model would otherwise keep every per-layer record in host memory (the file has them all).
+        self.history: list[dict[str, Any]] = []
+        self.history_size = history_size
         self._listeners: list[Listener] = []
         self._model: Any = None
         self._probe_batch: dict[str, torch.Tensor] | None = None
@@ -170,14 +177,44 @@ class RoutingMonitor(TrainerCallback):
                 self._probe_batch = take_probe_batch(train_dataloader, self.probe_size)
                 self._probe_chunk = int(getattr(args, "per_device_train_batch_size", 0) or 0) or None
                 if self._probe_batch is not None:
-                    self._probe_start = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
+                    self._probe_start = self._reference_probe(int(state.global_step))
             except Exception as err:  # drift is optional: never fail a training run over the probe
                 warnings.warn(f"RoutingMonitor: no probe batch, routing/drift is off ({err})", stacklevel=2)
                 self._probe_batch, self._probe_start = None, None
         return control
 
+    def _reference_probe(self, step: int) -> ProbeResult:
+        """Routing of the probe at the start of the run: measured now on a fresh start (and kept in the run
+        directory), read back on a resume, so routing/drift stays "since the start" across resumes."""
+        assert self.capture is not None and self._probe_batch is not None
+        path = self.output_dir / ROUTING_PROBE_FILE if self.output_dir is not None else None
+        now = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
+        if step == 0:
+            if self._is_main and path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"topk": now.topk.cpu(), "counts": now.counts.cpu(), "valid": now.valid}, path)
+            return now
+        if path is not None and path.is_file():
+            saved = torch.load(path, map_location=self.capture.device)
+            if tuple(saved["topk"].shape) == tuple(now.topk.shape):
+                valid = saved["valid"].to(self.capture.device) if saved["valid"] is not None else None
+                return ProbeResult(topk=saved["topk"].to(self.capture.device), counts=saved["counts"], valid=valid)
+        warnings.warn(
+            f"RoutingMonitor: no reference probe from the start of this run in {path}: routing/drift is "
+            f"measured from the resumed step {step}",
+            stacklevel=2,
+        )
+        return now
+
     def on_step_end(self, args, state, control, **kwargs):
         # DefaultFlowCallback (always first in the Trainer's list) has decided should_log by now.
+        if self.capture is not None and control.should_log:
+            self.close_window(state, control, optimizer=kwargs.get("optimizer"))
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # logging_strategy "epoch": DefaultFlowCallback sets should_log here, not at a step end. With
+        # "steps" the window was closed at the step end already and is empty now (nothing logged twice).
         if self.capture is not None and control.should_log:
             self.close_window(state, control, optimizer=kwargs.get("optimizer"))
         return control
@@ -273,6 +310,8 @@ class RoutingMonitor(TrainerCallback):
     def _write_record(self) -> None:
         record, self._pending_record = json_safe(self._pending_record), None
         self.history.append(record)
+        if len(self.history) > 2 * self.history_size:  # trimmed in batches: appends stay O(1) amortised
+            del self.history[: -self.history_size]
         if self._is_main and self.routing_file is not None:
             append_jsonl(self.routing_file, record)
 

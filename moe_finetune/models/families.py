@@ -247,22 +247,19 @@ TOP_K_ATTRS: tuple[str, ...] = tuple(
     )
 )
 
-# Names users may type for a family, besides its canonical name.
-_ALIASES = {
-    "qwen2-moe": "qwen2_moe",
-    "qwen3-moe": "qwen3_moe",
-    "deepseek-v3": "deepseek_v3",
-    "gpt-oss": "gpt_oss",
-}
+
+def family_key(name: str) -> str:
+    """The table key for a family name as users type it: case and `-` versus `_` do not matter
+    (`deepseek-v2`, `DeepSeek_V2` and `deepseek_v2` are one family)."""
+    return name.strip().lower().replace("-", "_")
 
 
 def get_family(name: str) -> FamilySpec:
-    """The spec for a family name (or alias), with a clear error listing the known ones."""
-    key = _ALIASES.get(name.lower(), name.lower())
+    """The spec for a family name, with a clear error listing the known ones."""
+    key = family_key(name)
     if key not in FAMILIES:
-        raise UnknownFamilyError(
-            f"unknown MoE family {name!r}; supported families: {', '.join(sorted(FAMILIES))}"
-        )
+        known = ", ".join(sorted(spec.replace("_", "-") for spec in FAMILIES))
+        raise UnknownFamilyError(f"unknown MoE family {name!r}; supported families: {known} (- or _ alike)")
     return FAMILIES[key]
 
 

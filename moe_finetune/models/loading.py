@@ -1,12 +1,14 @@
 """Load the model and tokenizer a recipe's `model:` section names (tiny models are built here first).
 
 Takes the section's plain values, not the Recipe, so the model layer never reaches up into the
-recipe. A model that cannot be found or read is the user's to fix (exit 2, naming `model.name`);
-anything else that goes wrong while loading is a bug and is left to surface as one.
+recipe. A model that cannot be found or read is the user's to fix (exit 2, naming `model.name`), and
+so is a quantization that the installed bitsandbytes cannot do here (exit 2, naming
+`model.quantization`); anything else that goes wrong while loading is a bug and is left to surface as one.
 """
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,63 @@ def from_pretrained_kwargs(section: ModelSection) -> dict[str, Any]:
     return kwargs
 
 
+# ValueErrors that transformers 5 raises when a path or hub id holds no model or tokenizer it can read
+# (measured on 5.24); any other ValueError while loading is a bug and surfaces as one (exit 1).
+_UNREADABLE_MESSAGES = (
+    "Unrecognized model in",  # no config.json, or one without model_type
+    "does not recognize this architecture",  # a model_type this transformers does not know
+    "Unrecognized configuration class",  # a config that is not a causal LM
+    "Unrecognized model identifier",
+    "trust_remote_code=True",  # custom modeling code the recipe did not allow
+    "Couldn't instantiate the backend tokenizer",  # no tokenizer files
+    "specified in the tokenizer config was not found",
+)
+
+# Where bitsandbytes failures are raised: the package itself, and transformers' code that drives it.
+_QUANTIZATION_CODE = (
+    "/bitsandbytes/",
+    "/transformers/quantizers/",
+    "/transformers/integrations/bitsandbytes.py",
+)
+
+
+def is_unreadable_model_error(err: BaseException) -> bool:
+    """Whether `err` means "no model (or tokenizer) can be read there", as opposed to a bug."""
+    if isinstance(err, OSError):  # not found, no weights file, bad JSON, hub unreachable (HfHubHTTPError too)
+        return True
+    if type(err).__module__.split(".")[0] == "safetensors":  # a truncated or corrupt weights file
+        return True
+    if type(err).__name__ in ("HFValidationError", "HfUriError"):  # a string that is no hub id
+        return True
+    return isinstance(err, ValueError) and any(fragment in str(err) for fragment in _UNREADABLE_MESSAGES)
+
+
+def is_quantization_error(err: BaseException) -> bool:
+    """Whether `err` is bitsandbytes (or transformers' bitsandbytes set-up) refusing to quantize here:
+    not installed, too old, or without a backend for this machine's devices."""
+    # NotImplementedError (bitsandbytes without a kernel for this device) is a RuntimeError.
+    if not isinstance(err, (ImportError, RuntimeError, ValueError, OSError)):
+        return False
+    if isinstance(err, ImportError) and (err.name or "").startswith("bitsandbytes"):
+        return True
+    frames = traceback.extract_tb(err.__traceback__)
+    if any(marker in frame.filename.replace("\\", "/") for frame in frames for marker in _QUANTIZATION_CODE):
+        return True
+    return "bitsandbytes" in str(err).lower()
+
+
+def _quantization_problem(section: ModelSection, err: BaseException) -> RecipeError:
+    q = section.quantization
+    assert q is not None
+    first_line = (str(err).splitlines() or [type(err).__name__])[0]
+    return RecipeError(
+        f"model.quantization: bitsandbytes cannot load {section.name!r} in {q.bits}-bit on this machine "
+        f"({type(err).__name__}: {first_line}). Install a bitsandbytes with a backend for your device "
+        "(`pip install -U bitsandbytes`: CUDA GPUs, or its CPU backend on a machine without one), or remove "
+        "model.quantization to load the model unquantized"
+    )
+
+
 def load_model_and_tokenizer(section: ModelSection, local_path: Path | None = None) -> tuple[Any, Any, FamilySpec]:
     """The causal LM, its tokenizer (with a pad token) and its family spec."""
     import transformers
@@ -66,8 +125,15 @@ def load_model_and_tokenizer(section: ModelSection, local_path: Path | None = No
             path, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
         )
         model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise RecipeError(f"model.name: cannot load {section.name!r} ({str(err).splitlines()[0]})") from None
+    except Exception as err:
+        if section.quantization is not None and is_quantization_error(err):
+            raise _quantization_problem(section, err) from None
+        if not is_unreadable_model_error(err):
+            raise  # a bug in transformers or in moe-finetune: reported as one (exit 1), with its traceback
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
+        remote_code = "trust_remote_code" in str(err)
+        hint = " (set model.trust_remote_code: true if you trust it)" if remote_code else ""
+        raise RecipeError(f"model.name: cannot load {section.name!r} ({first_line}){hint}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     family = family or family_for_config(model.config)

@@ -100,11 +100,11 @@ def build_lora_config(model: Any, lora: LoraSection, spec: FamilySpec) -> Any:
     params = expert_targets(lora, spec)
     if not modules and not params and not lora.router:
         raise LoraTargetError("lora: attention, experts and router are all off: there is nothing to train")
-    routers = (
-        sorted({name.rsplit(".", 1)[-1] for name in router_module_names(model, spec)})
-        if lora.router
-        else None
-    )
+    # PEFT picks modules_to_save by a plain `key.endswith(name)` (peft/utils/other.py, _set_trainable), so
+    # a leaf name would also catch its look-alikes: "gate" trains Qwen2-MoE's shared_expert_gate too. Full
+    # paths match only the routers themselves (the PeftModel's names end with them; layer "1" cannot match
+    # "11", the dot before it differs), and the adapter saved with them loads back onto the same architecture.
+    routers = router_module_names(model, spec) if lora.router else None
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,

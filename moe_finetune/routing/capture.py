@@ -1,4 +1,4 @@
-"""Forward hooks on every router of an MoE model, filling per-layer running sums on the model's device.
+"""Forward hooks on every router of an MoE model, filling per-layer running sums on the routers' devices.
 
     with capture_routing(model) as cap:     # hooks on every router, removed on exit
         model(**batch)
@@ -21,6 +21,14 @@ What a hook sees and why it is read the way it is (facts: shared/research/famili
 - Everything a hook does is tensor arithmetic queued on the device: no `.item()`, no `.cpu()`, no
   Python branch on a tensor value, so the hooks never stall a GPU. The router logits are reduced
   to a few (E,)-sized sums inside the hook and dropped: memory does not grow with sequence length.
+- A model split over devices (`device_map="auto"` puts layers on different GPUs) keeps one set of
+  running sums per device: each router adds to the sums on its own device, and `sums` adds them up
+  on `device` (the first router's) only when read, one transfer per device per log
+  (`metrics.combine_sums`). The padding mask crosses to each router device once per forward.
+- Which distributions are measured: `prob_sum` (and with it the mean distribution, the per-layer
+  aux loss and `prob_balance`) uses the family's routing scores (`FamilySpec.scores`); the per-token
+  entropy is always that of softmax(logits). For a softmax router the two are the same thing; for
+  a sigmoid router (DeepSeek-V3) see `routing_entropy_probs` for why and what was measured.
 """
 
 from __future__ import annotations
@@ -38,10 +46,13 @@ from moe_finetune.models.families import family_for_model, find_routers, unwrap_
 from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
+    combine_sums,
     overflow_assignments,
     summarise,
     token_entropy,
 )
+
+_SUM_FIELDS = ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum", "overflow")
 
 
 def is_recompute() -> bool:
@@ -72,8 +83,45 @@ def _sums_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def routing_scores(logits: torch.Tensor, scores: str) -> torch.Tensor:
+    """(N, E) routing probabilities of a family: what `prob_sum`, the mean distribution and the aux
+    loss are computed from.
+
+    "softmax": softmax(logits). "sigmoid" (DeepSeek-V3): s / sum_e s_e with s = sigmoid(logits), the
+    normalised affinities DeepSeek-V3's own sequence-wise balance loss uses; the correction bias only
+    steers the choice (read from the router's output) and is not part of the scores.
+    """
+    if scores == "sigmoid":
+        affinity = logits.sigmoid()
+        return affinity / affinity.sum(dim=-1, keepdim=True)
+    return logits.softmax(dim=-1)
+
+
+def routing_entropy_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, E) the distribution whose entropy is the per-token routing entropy: softmax(logits), in
+    every family.
+
+    For a softmax router that is its routing distribution. For a sigmoid router it is the normalised
+    odds, s / (1 - s) = e^x for s = sigmoid(x), rather than the normalised scores s / sum s: a score
+    saturates at 1, so when such a router sharpens, every expert with a positive logit ends near 1
+    and s / sum s tends to uniform over those experts (about half of them for a zero-mean router),
+    an entropy of about ln(E/2) / ln E however decisive the router has become. Odds do not saturate.
+    Where every logit is well below zero (s << 1) the two agree, since then s is about e^x.
+
+    Measured on the tiny DeepSeek-V3 (8 experts, top-2, 4x32 tokens; tests/test_sigmoid_routing.py),
+    mean normalised entropy with the router weights x1 -> x10 -> x100 (near-deterministic):
+    normalised scores s / sum s 0.94 -> 0.66 -> 0.60 (a 36% fall at most: it never reaches the
+    guard's 40% halt line however sharp the router gets); softmax(logits) 0.77 -> 0.096 -> 0.009,
+    as Mixtral's own 0.78 -> 0.100 -> 0.009; normalised top-k weights (by ln k) 0.98 -> 0.92 -> 0.86
+    (both chosen scores saturate at 1 and weigh the same). The load balance stayed 0.97-0.99
+    throughout: sharpening is not collapse. A correction bias sending every token to experts 0 and 1
+    drops the balance to its floor 1/3 and leaves this entropy at 0.76 (the bias is in neither).
+    """
+    return logits.softmax(dim=-1)
+
+
 class RoutingCapture:
-    """Hooks on every router of `model`, accumulating RoutingSums on the model's device.
+    """Hooks on every router of `model`, accumulating RoutingSums on each router's device.
 
     Installed on construction; `remove()` (or leaving `capture_routing`) takes every hook off.
     `train_only=True` ignores forwards of routers in eval mode, so evaluation inside a training run
@@ -99,16 +147,15 @@ class RoutingCapture:
                 "router class to the family's FamilySpec in moe_finetune/models/families.py"
             )
         self.backbone = find_backbone(model)
-        self.device = _module_device(self._layer_modules[0][0], model)
-        self.sums = RoutingSums.zeros(
-            len(self.layer_names),
-            self.num_experts,
-            self.top_k,
-            self.layer_names,
-            device=self.device,
-            dtype=_sums_dtype(self.device),
-        )
+        # where each layer's router lives; `device` (the first router's) is where `sums` are added up
+        self._layer_devices = [_module_device(modules[0], model) for modules in self._layer_modules]
+        self.device = self._layer_devices[0]
+        self._sums_by_device: dict[torch.device, RoutingSums] = {}
+        for device in dict.fromkeys([self.device, *self._layer_devices]):
+            if device == self.device or device.type != "meta":  # offloaded weights: found at forward time
+                self._sums_on(device)
         self._keep: torch.Tensor | None = None  # (B*T,) bool of the forward in flight
+        self._keep_on: dict[torch.device, torch.Tensor] = {}  # that mask, moved to each router device
         self._probe: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._warned_mask = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -149,26 +196,62 @@ class RoutingCapture:
 
     # ------------------------------------------------------------------ reading the sums
 
+    @property
+    def sums(self) -> RoutingSums:
+        """The running sums of every layer since the last reset, on `device`: a new set of tensors,
+        so later forwards and `reset()` leave it alone (one transfer per other router device)."""
+        primary = self._sums_on(self.device)
+        others = [part for device, part in self._sums_by_device.items() if device != self.device]
+        return combine_sums([primary, *others], self.device)
+
+    @property
+    def sums_by_device(self) -> dict[torch.device, RoutingSums]:
+        """The running sums as kept: one set per router device, each with rows only for its own
+        layers (the others stay zero). The hooks add into these tensors in place."""
+        return dict(self._sums_by_device)
+
     def stats(self, dead_threshold: float = 0.1) -> RoutingMetrics:
         """Every routing metric of what was captured since the last reset (one host sync)."""
         return summarise(self.sums, capacity_factor=self.capacity_factor, dead_threshold=dead_threshold)
 
     def reset(self) -> None:
-        """Zero the running sums in place (a logging window starts)."""
-        for tensor in (
-            self.sums.tokens,
-            self.sums.assign_counts,
-            self.sums.prob_sum,
-            self.sums.entropy_sum,
-            self.sums.z_sum,
-            self.sums.overflow,
-        ):
-            tensor.zero_()
+        """Zero the running sums in place on every device (a logging window starts)."""
+        for part in self._sums_by_device.values():
+            for name in _SUM_FIELDS:
+                getattr(part, name).zero_()
 
     def load_sums(self, sums: RoutingSums) -> None:
-        """Replace the running sums (e.g. with their all-reduced values), keeping tensors in place."""
-        for name in ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum", "overflow"):
-            getattr(self.sums, name).copy_(getattr(sums, name))
+        """Replace the running sums (e.g. with their all-reduced values), keeping tensors in place:
+        the values go to the sums on `device`, every other device's are zeroed."""
+        self.reset()
+        primary = self._sums_on(self.device)
+        for name in _SUM_FIELDS:
+            getattr(primary, name).copy_(getattr(sums, name))
+
+    def _sums_on(self, device: torch.device) -> RoutingSums:
+        """The running sums kept on `device`, made (zero) the first time a router there reports."""
+        part = self._sums_by_device.get(device)
+        if part is None:
+            part = RoutingSums.zeros(
+                self.num_layers,
+                self.num_experts,
+                self.top_k,
+                self.layer_names,
+                device=device,
+                dtype=_sums_dtype(device),
+            )
+            self._sums_by_device[device] = part
+        return part
+
+    def _layer_sums(self, layer: int, device: torch.device) -> RoutingSums:
+        """The sums a layer adds to: those of the device its router was found on, unless its output
+        is somewhere else (the model moved after the capture was made, or its weights are offloaded),
+        in which case the layer moves to the output's device. Compares devices, not tensor values."""
+        part = self._sums_by_device.get(self._layer_devices[layer])
+        if part is None or part.device != device:
+            self._layer_devices[layer] = device
+            part = self._sums_on(device)
+        return part
 
     # ------------------------------------------------------------------ recording choices (the drift probe)
 
@@ -193,6 +276,7 @@ class RoutingCapture:
     def _on_backbone_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if is_recompute():
             return
+        self._keep_on = {}
         mask = kwargs.get("attention_mask")
         length = input_length(kwargs, args)
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and length is not None:
@@ -202,6 +286,7 @@ class RoutingCapture:
 
     def _on_backbone_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._keep = None
+        self._keep_on = {}
 
     def _router_hook(self, layer: int) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -211,9 +296,11 @@ class RoutingCapture:
                 return
             with torch.no_grad():
                 logits, chosen = self._read_output(output)
-                keep = self._row_mask(logits.shape[0])
+                keep = self._row_mask(logits.shape[0], logits.device)
                 if self._probe is not None:
-                    self._probe[layer] = (chosen, self._assignments(chosen, keep, logits.dtype))
+                    # the probe stacks every layer's choices: gather them on one device
+                    counts = self._assignments(chosen, keep, logits.dtype)
+                    self._probe[layer] = (chosen.to(self.device), counts.to(self.device))
                 else:
                     self._accumulate(layer, logits, chosen, keep)
 
@@ -231,7 +318,7 @@ class RoutingCapture:
         chosen = output[self.family.topk_index].detach().reshape(logits.shape[0], -1)
         return logits, chosen
 
-    def _row_mask(self, rows: int) -> torch.Tensor | None:
+    def _row_mask(self, rows: int, device: torch.device) -> torch.Tensor | None:
         keep = self._keep
         if keep is None:
             return None
@@ -244,16 +331,14 @@ class RoutingCapture:
                 )
                 self._warned_mask = True
             return None
-        return keep.to(self.device)
+        moved = self._keep_on.get(device)
+        if moved is None:  # once per device per forward, not once per layer
+            moved = self._keep_on[device] = keep.to(device)
+        return moved
 
     def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, E) routing probabilities the entropy and prob shares are computed from."""
-        if self.family.scores == "sigmoid":
-            # DeepSeek-V3: independent sigmoid scores, normalised; the correction bias only steers the
-            # choice (read from the router's output) and is not part of the scores
-            scores = logits.sigmoid()
-            return scores / scores.sum(dim=-1, keepdim=True)
-        return logits.softmax(dim=-1)
+        """(N, E) routing probabilities the prob shares are computed from (`routing_scores`)."""
+        return routing_scores(logits, self.family.scores)
 
     def _assignments(
         self, chosen: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype
@@ -271,7 +356,9 @@ class RoutingCapture:
         self, layer: int, logits: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor | None
     ) -> None:
         probs = self._scores(logits)  # (N, E)
-        entropy = token_entropy(probs)  # (N,)
+        # softmax(logits) in every family (routing_entropy_probs): a softmax family already has it
+        entropy_probs = probs if self.family.scores == "softmax" else routing_entropy_probs(logits)
+        entropy = token_entropy(entropy_probs)  # (N,)
         z = torch.logsumexp(logits, dim=-1).square()  # (N,)
         counts = self._assignments(chosen, keep, logits.dtype)  # (E,)
         if keep is None:
@@ -283,16 +370,17 @@ class RoutingCapture:
             prob_sum = torch.where(keep.unsqueeze(-1), probs, 0.0).sum(0)
             entropy_sum = torch.where(keep, entropy, 0.0).sum()
             z_sum = torch.where(keep, z, 0.0).sum()
-        sums = self.sums
+        # this router's own device: no transfer inside the hook
+        sums = self._layer_sums(layer, logits.device)
         # capacity is per forward (per micro-batch), as an expert-parallel dispatch would see it
         overflow = overflow_assignments(counts, self.top_k, self.capacity_factor)
         # add_ on a row view: one in-place kernel each (`sums.x[layer] += v` would add a copy-back)
         sums.tokens[layer].add_(tokens)
-        sums.assign_counts[layer].add_(counts.to(self.device))
-        sums.prob_sum[layer].add_(prob_sum.to(self.device))
-        sums.entropy_sum[layer].add_(entropy_sum.to(self.device))
-        sums.z_sum[layer].add_(z_sum.to(self.device))
-        sums.overflow[layer].add_(overflow.to(self.device))
+        sums.assign_counts[layer].add_(counts)
+        sums.prob_sum[layer].add_(prob_sum)
+        sums.entropy_sum[layer].add_(entropy_sum)
+        sums.z_sum[layer].add_(z_sum)
+        sums.overflow[layer].add_(overflow)
 
 
 def input_length(kwargs: Mapping[str, Any], args: tuple) -> int | None:

@@ -1,6 +1,6 @@
 """Routing-health metrics: pure torch functions over per-layer running sums.
 
-The capture hooks (routing/capture.py) keep these sums per MoE layer, on the model's device
+The capture hooks (routing/capture.py) keep these sums per MoE layer, on the routers' devices
 (L = MoE layers, E = experts, k = experts chosen per token):
 
     tokens         (L,)    real (non-padding) tokens routed
@@ -12,6 +12,14 @@ The capture hooks (routing/capture.py) keep these sums per MoE layer, on the mod
 
 Every function takes and returns tensors, works on any device and never syncs with the host;
 `summarise` is the one place that turns the sums into Python numbers (one transfer per log).
+A model split over devices (`device_map="auto"`) keeps one set of sums per device, added up by
+`combine_sums` at logging time (one transfer per device).
+
+Two kinds of entropy answer two questions. The per-token routing entropy (`normalised_entropy`,
+`routing/entropy`) falls when routers get confident, which healthy specialisation also does. The
+balance (`balance`, `routing/balance`) is the entropy of the layer's load share: it falls only when
+the LOAD concentrates on few experts, which is collapse. A router can be certain about every token
+and still perfectly balanced (each token sure of a different expert).
 
 A layer that routed no tokens has no metrics: its per-layer values are nan, and the pooled
 values skip it. Sums that are themselves non-finite (a router that produced nan or inf) are
@@ -21,6 +29,7 @@ reported by `RoutingMetrics.finite` rather than skipped silently.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -76,6 +85,38 @@ def prob_share(prob_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     P_le = prob_sum_le / tokens_l; rows sum to 1.      (L, E), (L,) -> (L, E); nan for no tokens.
     """
     return _per_token(prob_sum, tokens)
+
+
+def balance(share: torch.Tensor) -> torch.Tensor:
+    """Normalised entropy of each layer's share distribution: how evenly the layer spreads over experts.
+
+    B_l = -sum_e share_le ln share_le / ln E, with 0 ln 0 = 0, in [0, 1]: 1 = every expert an equal
+    share, 0 = one expert takes everything.      (L, E) -> (L,); nan for a nan row (no tokens).
+
+    For the load share (top-k assignments) 0 is out of reach: a token's k assignments go to k
+    different experts, so no expert holds more than 1/k of them, and a fully collapsed layer (every
+    token picks the same k experts) has share 1/k on k experts and balance ln k / ln E
+    (`lowest_load_balance`; top-2 of 8: ln 2 / ln 8 = 1/3). For the mean routing distribution
+    (`prob_share`) 0 is reached when every token puts all its probability on one expert.
+    The mean distribution is the average of the per-token ones and entropy is concave, so its
+    balance is never below the layer's mean per-token entropy (`normalised_entropy`).
+    """
+    num_experts = share.shape[-1]
+    if num_experts < 2:
+        raise ValueError(f"balance needs at least 2 experts (ln E > 0), got {num_experts}")
+    # same 0 ln 0 = 0 as token_entropy; the clamp only removes rounding, nan stays nan
+    return (token_entropy(share) / math.log(num_experts)).clamp(0.0, 1.0)
+
+
+def lowest_load_balance(num_experts: int, top_k: int) -> float:
+    """The lowest `balance` a top-k load share can have: ln k / ln E (all load on the same k experts).
+
+    Top-1 can reach 0; top-2 of 8 stops at 1/3; top-8 of 64 at 1/2. A balance threshold at or
+    below this line can never fire.
+    """
+    if not 1 <= top_k <= num_experts or num_experts < 2:
+        raise ValueError(f"need 1 <= top_k <= num_experts and num_experts >= 2, got {top_k} of {num_experts}")
+    return math.log(top_k) / math.log(num_experts)
 
 
 def load_cv(share: torch.Tensor) -> torch.Tensor:
@@ -238,7 +279,8 @@ _TENSOR_FIELDS = ("tokens", "assign_counts", "prob_sum", "entropy_sum", "z_sum",
 
 @dataclass(eq=False)
 class RoutingSums:
-    """Per-layer running sums filled by the capture hooks; all tensors on one device."""
+    """Per-layer running sums filled by the capture hooks; all tensors on one device (a model split over
+    devices has one set per device, added up by `combine_sums`)."""
 
     tokens: torch.Tensor  # (L,)
     assign_counts: torch.Tensor  # (L, E)
@@ -288,9 +330,14 @@ class RoutingSums:
         moved = {name: getattr(self, name).to(device) for name in _TENSOR_FIELDS}
         return replace(self, **moved, layer_names=list(self.layer_names))
 
-    def as_tensor(self) -> torch.Tensor:
-        """Every sum in one 1-D float64 tensor (exact counts), so one all_reduce covers them all."""
-        return torch.cat([getattr(self, name).reshape(-1).to(torch.float64) for name in _TENSOR_FIELDS])
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def as_tensor(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Every sum in one 1-D tensor (float64 by default: exact counts), so one all_reduce or one
+        device transfer covers them all."""
+        return torch.cat([getattr(self, name).reshape(-1).to(dtype) for name in _TENSOR_FIELDS])
 
     def from_tensor(self, flat: torch.Tensor) -> RoutingSums:
         """Inverse of `as_tensor`: new sums with this layout, dtype and device, values from `flat`."""
@@ -304,6 +351,36 @@ class RoutingSums:
             for name, part, t in zip(_TENSOR_FIELDS, parts, templates, strict=True)
         }
         return replace(self, **values, layer_names=list(self.layer_names))
+
+
+def combine_sums(parts: Sequence[RoutingSums], device: torch.device | str | None = None) -> RoutingSums:
+    """Add running sums kept on several devices (routers of a model split by `device_map`) on one.
+
+    total = sum over parts, on `device` (default: the first part's) in the first part's dtype.
+    Each part crosses to `device` as one flat tensor, so a log costs one transfer per device. The
+    result is a new set of tensors: later changes to the parts (a reset, more forwards) leave it alone.
+    """
+    if not parts:
+        raise ValueError("combine_sums needs at least one set of routing sums")
+    first = parts[0]
+    layout = (first.num_experts, first.top_k, first.layer_names)
+    for part in parts[1:]:
+        if (part.num_experts, part.top_k, part.layer_names) != layout:
+            raise ValueError(
+                "cannot combine routing sums of different models: (num_experts, top_k, layer_names) "
+                f"{layout} vs {(part.num_experts, part.top_k, part.layer_names)}"
+            )
+    target = torch.device(device) if device is not None else first.device
+    dtype = first.tokens.dtype
+    # torch.cat makes new tensors, so the total never aliases a part
+    total = first.as_tensor(dtype).to(target)
+    for part in parts[1:]:
+        total = total + part.as_tensor(dtype).to(target)
+    shapes = [getattr(first, name).shape for name in _TENSOR_FIELDS]
+    pieces = total.split([math.prod(shape) for shape in shapes])
+    fields = zip(_TENSOR_FIELDS, pieces, shapes, strict=True)
+    values = {name: piece.reshape(shape) for name, piece, shape in fields}
+    return replace(first, **values, layer_names=list(first.layer_names))
 
 
 @dataclass
@@ -322,9 +399,14 @@ class RoutingMetrics:
     layer_aux_loss: list[float]
     layer_z_loss: list[float]
     layer_drop_fraction: list[float]
+    layer_balance: list[float]  # normalised entropy of load_share, ln k / ln E (collapsed) .. 1 (even)
+    layer_prob_balance: list[float]  # normalised entropy of prob_share, 0..1
     # pooled over layers
     entropy: float  # mean of layer_entropy
     entropy_min: float  # lowest layer
+    balance: float  # mean of layer_balance
+    balance_min: float  # lowest layer
+    prob_balance: float  # mean of layer_prob_balance
     load_max: float  # highest layer
     load_cv: float  # mean over layers
     dead_experts: int  # total over layers
@@ -341,6 +423,9 @@ class RoutingMetrics:
         return {
             "routing/entropy": self.entropy,
             "routing/entropy_min": self.entropy_min,
+            "routing/balance": self.balance,
+            "routing/balance_min": self.balance_min,
+            "routing/prob_balance": self.prob_balance,
             "routing/load_max": self.load_max,
             "routing/load_cv": self.load_cv,
             "routing/dead_experts": float(self.dead_experts),
@@ -364,6 +449,8 @@ class RoutingMetrics:
                 "aux_loss": self.layer_aux_loss[i],
                 "z_loss": self.layer_z_loss[i],
                 "drop_fraction": self.layer_drop_fraction[i],
+                "balance": self.layer_balance[i],
+                "prob_balance": self.layer_prob_balance[i],
             }
             for i, name in enumerate(self.layer_names)
         ]
@@ -378,22 +465,29 @@ def summarise(
     the drop fraction can be read, not used to recompute anything.
     """
     share = load_share(sums.assign_counts)  # (L, E)
+    mean_probs = prob_share(sums.prob_sum, sums.tokens)  # (L, E)
     entropy = normalised_entropy(sums.entropy_sum, sums.tokens, sums.num_experts)  # (L,)
+    load_balance, prob_balance = balance(share), balance(mean_probs)  # (L,)
     cv, peak = load_cv(share), load_max(share)  # (L,)
     dead = dead_experts(share, dead_threshold)  # (L,)
     on_device = {
         "layer_tokens": sums.tokens,
         "layer_entropy": entropy,
         "load_share": share,
-        "prob_share": prob_share(sums.prob_sum, sums.tokens),
+        "prob_share": mean_probs,
         "layer_load_cv": cv,
         "layer_load_max": peak,
         "layer_dead_experts": dead,
         "layer_aux_loss": layer_aux_loss(sums.assign_counts, sums.prob_sum, sums.tokens),
         "layer_z_loss": z_loss(sums.z_sum, sums.tokens),
         "layer_drop_fraction": drop_fraction(sums.overflow, sums.assign_counts),
+        "layer_balance": load_balance,
+        "layer_prob_balance": prob_balance,
         "entropy": mean_over_layers(entropy),
         "entropy_min": min_over_layers(entropy),
+        "balance": mean_over_layers(load_balance),
+        "balance_min": min_over_layers(load_balance),
+        "prob_balance": mean_over_layers(prob_balance),
         "load_max": max_over_layers(peak),
         "load_cv": mean_over_layers(cv),
         "dead_experts": dead.nansum(),

@@ -14,13 +14,25 @@ reads. The checks, in order:
 1. non-finite router output                         -> halt
 2. absolute threshold: entropy floor                -> halt
 3. baseline: the first `baseline_steps` snapshots are averaged; nothing relative is judged before that
-4. expert load over its limit; a quarter of a layer's experts dead for `dead_patience` checks -> halt
-5. relative thresholds: entropy `halt_drop` / `halt_layer_drop` below baseline -> halt
-6. entropy `cut_drop` / `cut_layer_drop` below baseline -> cut the LR (then `cooldown` windows of grace),
-   or halt when no cut is left (`max_cuts` used, or the LR already at `min_lr`)
+4. collapse of the load: an expert over its load limit, a quarter of a layer's experts dead for
+   `dead_patience` checks, or a layer's balance `halt_balance_drop` below its baseline -> halt
+5. level limits: routing entropy `halt_drop` / `halt_layer_drop` below baseline -> halt
+6. a sharp drop: routing entropy fell `cut_drop` (pooled) or `cut_layer_drop` (a layer) within the last
+   `cut_window` logging steps (and since the last cut), and sits that far below its baseline -> cut the
+   LR, then `cooldown` windows of grace
+7. after the last cut (`max_cuts` used, or the LR at `min_lr`), entropy still below the cut line:
+   it "continues" when it falls `continue_drop` further below where it stood at the last cut -> halt;
+   otherwise the run has settled below its baseline -> one `settled` event, and it runs on
 
-"Drop" is (baseline - value) / baseline. The defaults are DESIGN.md section 5: our own proposals, not
-published constants.
+Two entropies, because sharpening is not collapse (README, "What the guards do"): *routing entropy*
+(`routing/entropy`, the mean per-token entropy of the router's distribution) falls when routers get
+confident, which healthy specialisation also does, so a sharp fall of it cuts the learning rate, as the
+field advises, and only an extreme level of it halts. *Balance* (`routing/balance`, the entropy of a
+layer's load share) falls when the load concentrates on few experts, which is collapse, so it halts,
+beside the load and dead-expert limits.
+
+"Drop" is (reference - value) / reference. The defaults are DESIGN.md section 5: our own proposals,
+not published constants.
 """
 
 from __future__ import annotations
@@ -37,7 +49,7 @@ from moe_finetune.sections import GuardConfig
 # A drop of exactly 10% computed in floats is 0.0999...; a threshold compares with this much slack.
 _SLACK = 1e-9
 
-ActionKind = Literal["none", "cut_lr", "halt"]
+ActionKind = Literal["none", "cut_lr", "halt", "settled"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,10 @@ class RoutingSnapshot:
     # An expert is dead below this multiple of uniform: the monitor's own line, so the guard and
     # routing/dead_experts agree (monitor.dead_threshold in a recipe).
     dead_threshold: float = 0.1
+    # (L,) normalised entropy of each layer's load share (routing/balance per layer); derived from
+    # load_share when not given, so a hand-made snapshot is judged the same way.
+    layer_balance: list[float] | None = None
+    top_k: int | None = None  # experts chosen per token: no load share can exceed 1/top_k
 
     def __post_init__(self) -> None:
         layers = len(self.layer_entropy)
@@ -66,6 +82,8 @@ class RoutingSnapshot:
                 f"snapshot at step {self.step}: layer_names has {len(self.layer_names)} names but "
                 f"layer_entropy has {layers} layers"
             )
+        if self.layer_balance is None and self.load_share:
+            object.__setattr__(self, "layer_balance", [share_balance(row) for row in self.load_share])
 
     def layer_label(self, layer: int) -> str:
         """How a sentence names a layer: its router's module name when known."""
@@ -76,7 +94,7 @@ class RoutingSnapshot:
 class GuardAction:
     """What the adapter should do: nothing, multiply the learning rate by `factor`, or halt training."""
 
-    kind: ActionKind
+    kind: ActionKind  # "settled" is a fact to record, not something to do
     reason: str  # one sentence with the numbers in it, naming the layers at fault
     factor: float = 1.0  # learning-rate multiplier to apply for cut_lr (1.0 otherwise)
     step: int | None = None
@@ -92,8 +110,9 @@ class Finding:
     factor: float = 1.0
 
 
-# Checkpoints written before these fields were renamed still resume.
+# Checkpoints written before these fields were renamed (or added) still resume.
 _LEGACY_STATE_NAMES = {"load_baseline": "baseline_top_share", "alive_baseline": "alive_at_baseline"}
+_ADDED_STATE_FIELDS = {"layer_balance_baseline", "balance_samples", "recent", "level_at_last_cut", "settled_step"}
 
 
 @dataclass
@@ -112,6 +131,13 @@ class GuardState:
     dead_streaks: list[int] = field(default_factory=list)  # (L,) consecutive checks with too many dead
     last_step: int | None = None  # a step judged once is never judged again
     last_cut_step: int | None = None
+    layer_balance_baseline: list[float] | None = None  # (L,) balance at the baseline
+    balance_samples: list[list[float]] = field(default_factory=list)  # (L,) balances while collecting
+    # [pooled entropy, [layer entropies], [layer balances]] of the logging steps since the last cut (at
+    # most cut_window + 1): the reference a sharp drop is measured from
+    recent: list[list[Any]] = field(default_factory=list)
+    level_at_last_cut: list[Any] | None = None  # the same, when the last cut was made
+    settled_step: int | None = None  # when the run was found settled after its last cut
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""
@@ -122,9 +148,17 @@ class GuardState:
         state = {_LEGACY_STATE_NAMES.get(key, key): value for key, value in state.items()}
         names = [f.name for f in dataclasses.fields(cls)]
         missing = sorted(set(names) - set(state))
+        # fields added later default for checkpoints written before them
+        defaults = cls()
+        missing = [name for name in missing if name not in _ADDED_STATE_FIELDS]
         if missing:
             raise ValueError(f"guard state is missing {', '.join(missing)}; was it written by GuardPolicy?")
-        restored = cls(**{name: copy.deepcopy(state[name]) for name in names})
+        restored = cls(
+            **{
+                name: copy.deepcopy(state[name]) if name in state else copy.deepcopy(getattr(defaults, name))
+                for name in names
+            }
+        )
         restored.baseline_samples = [[pooled, list(layers)] for pooled, layers in restored.baseline_samples]
         return restored
 
@@ -171,8 +205,12 @@ class GuardPolicy:
         self.state = GuardState.from_state_dict(state)
 
     def restart_episode(self) -> None:
-        """Forget the baseline and the cuts (after a halt the user resumed from), keep the last judged step."""
-        self.state = GuardState(last_step=self.state.last_step)
+        """A fresh episode after a halt the user resumed from: new baseline, full cut budget.
+
+        The last judged step stays (no step is judged twice) and so does the multiplier: the cuts
+        already made are still in the learning rate the resumed run trains with.
+        """
+        self.state = GuardState(last_step=self.state.last_step, multiplier=self.state.multiplier)
 
     # ------------------------------------------------------------------ the decision
 
@@ -193,6 +231,8 @@ class GuardPolicy:
         self.state.layer_baseline = [float(v) for v in layer_entropy]
         self.state.baseline_samples = []
         self._set_load_baseline([load_share] if load_share else [], dead_threshold)
+        self.state.layer_balance_baseline = [share_balance(row) for row in load_share] if load_share else None
+        self.state.recent = [self._baseline_entry()]
 
     def update(self, snapshot: RoutingSnapshot, current_lr: float) -> GuardAction:
         """Judge one logging step. `current_lr` is the learning rate a cut would scale."""
@@ -243,29 +283,40 @@ class GuardPolicy:
         if state.baseline is None or state.layer_baseline is None:
             return self._collect_baseline(snapshot)
 
-        # 4. Expert load over its limit; experts alive at the baseline dead for dead_patience checks.
+        # 4. Collapse of the load: an expert over its limit, experts alive at the baseline dead for
+        #    dead_patience checks, or a layer's balance (load-share entropy) far below its baseline.
         dead_layers = self._update_dead_streaks(snapshot)  # streaks count every check, so before any return
         overloaded = self._overloaded_experts(snapshot)
         if overloaded:
             return Finding("halt", {"check": "load_ratio", "limit": cfg.max_load_ratio, "experts": overloaded})
         if dead_layers:
             return Finding("halt", {"check": "dead_experts", "layers": dead_layers})
+        unbalanced = self._unbalanced_layers(snapshot)
+        if unbalanced:
+            return Finding(
+                "halt", {"check": "balance_drop", "threshold": cfg.halt_balance_drop, "layers": unbalanced}
+            )
 
-        # 5. Relative thresholds: drops deep enough to halt at once.
+        # 5. Level limits: routing entropy so far below its baseline that training halts at once.
         halt_drop = self._drop(snapshot, cfg.halt_drop, cfg.halt_layer_drop, "halt threshold")
         if halt_drop["at_fault"]:
             return Finding("halt", {"check": "entropy_drop_halt", **halt_drop})
 
-        # 6. Drops that call for a cut, or a halt when no cut is left.
-        cut_drop = self._drop(snapshot, cfg.cut_drop, cfg.cut_layer_drop, "cut threshold")
-        if not cut_drop["at_fault"]:
+        # 6./7. Below the cut line: a sharp fall cuts; after the last cut, a further fall halts.
+        below = self._drop(snapshot, cfg.cut_drop, cfg.cut_layer_drop, "cut threshold")
+        below["balance_layers"] = self._balance_below(snapshot, cfg.cut_balance_drop)
+        below["balance_threshold"] = cfg.cut_balance_drop
+        below["at_fault"] = below["at_fault"] or bool(below["balance_layers"])
+        sharp = self._sharp_fall(snapshot, below)
+        self._remember(snapshot)
+        if not below["at_fault"]:
             return Finding(
                 "none",
                 {
                     "check": "healthy",
                     "entropy": snapshot.entropy,
                     "baseline": state.baseline,
-                    "pooled_drop": cut_drop["pooled_drop"],
+                    "pooled_drop": below["pooled_drop"],
                 },
             )
         if in_cooldown:
@@ -275,24 +326,30 @@ class GuardPolicy:
                     "check": "cooldown",
                     "cooldown_left": state.cooldown_left,
                     "last_cut_step": state.last_cut_step,
-                    **cut_drop,
+                    **below,
                 },
             )
         at_min_lr = current_lr <= cfg.min_lr or math.isclose(current_lr, cfg.min_lr, rel_tol=1e-9)
         if state.cuts_made >= cfg.max_cuts or at_min_lr:
-            return Finding(
-                "halt",
-                {
-                    "check": "after_last_cut",
-                    "cuts_made": state.cuts_made,
-                    "max_cuts": cfg.max_cuts,
-                    "last_cut_step": state.last_cut_step,
-                    "at_min_lr": at_min_lr,
-                    "current_lr": current_lr,
-                    **cut_drop,
-                },
-            )
-        return self._cut(step, cut_drop, current_lr)
+            last_cut = {
+                "cuts_made": state.cuts_made,
+                "max_cuts": cfg.max_cuts,
+                "last_cut_step": state.last_cut_step,
+                "at_min_lr": at_min_lr,
+                "current_lr": current_lr,
+            }
+            # With no cut ever made (cuts off, or the LR at min_lr from the start), a sharp fall is
+            # what a cut would have answered: nothing is left to answer it with.
+            continues = sharp if state.level_at_last_cut is None else self._continues(snapshot, below)
+            if continues["at_fault"]:
+                return Finding("halt", {"check": "after_last_cut", **last_cut, **continues})
+            if state.settled_step is None:
+                state.settled_step = step
+                return Finding("settled", {"check": "settled", **last_cut, **below})
+            return Finding("none", {"check": "still_settled", "settled_step": state.settled_step, **below})
+        if sharp["at_fault"]:
+            return self._cut(step, sharp, current_lr, snapshot)
+        return Finding("none", {"check": "holding", **below})
 
     # ------------------------------------------------------------------ the individual checks
 
@@ -305,6 +362,8 @@ class GuardPolicy:
             )
         state.baseline_samples.append([float(snapshot.entropy), [float(v) for v in snapshot.layer_entropy]])
         state.load_samples.append([[float(v) for v in row] for row in snapshot.load_share])
+        if snapshot.layer_balance is not None:
+            state.balance_samples.append([float(v) for v in snapshot.layer_balance])
         needed = self.config.baseline_steps
         if len(state.baseline_samples) < needed:
             return Finding("none", {"check": "baseline", "collected": len(state.baseline_samples), "needed": needed})
@@ -315,6 +374,11 @@ class GuardPolicy:
         state.baseline_samples = []
         self._set_load_baseline(state.load_samples, snapshot.dead_threshold)
         state.load_samples = []
+        if state.balance_samples and len(state.balance_samples) == len(pooled):
+            columns = list(zip(*state.balance_samples, strict=True))
+            state.layer_balance_baseline = [sum(c) / len(c) for c in columns]
+        state.balance_samples = []
+        state.recent = [self._baseline_entry()]
         return Finding(
             "none",
             {
@@ -322,8 +386,24 @@ class GuardPolicy:
                 "needed": needed,
                 "baseline": state.baseline,
                 "layer_baseline": state.layer_baseline,
+                "unreachable_load_layers": self._unreachable_load_layers(snapshot),
             },
         )
+
+    def _unreachable_load_layers(self, snapshot: RoutingSnapshot) -> list[dict[str, Any]]:
+        """Layers whose load limit (raised by a concentrated baseline) is at or above 1/k: it can never fire."""
+        top_share = self.state.baseline_top_share
+        if snapshot.top_k is None or top_share is None:
+            return []
+        ceiling = 1.0 / snapshot.top_k
+        unreachable = []
+        for layer, (shares, share) in enumerate(zip(snapshot.load_share, top_share, strict=True)):
+            limit = max(self.config.max_load_ratio / len(shares), self.config.load_baseline_factor * share)
+            if limit >= ceiling - _SLACK:
+                unreachable.append(
+                    {"layer": layer, "name": snapshot.layer_label(layer), "top_share": share, "limit": limit}
+                )
+        return unreachable
 
     def _set_load_baseline(self, samples: list[list[list[float]]], dead_threshold: float) -> None:
         """Average the baseline windows' load shares: per layer the largest share and the live experts."""
@@ -424,8 +504,102 @@ class GuardPolicy:
                 )
         return out_of_patience
 
-    def _cut(self, step: int, drop: dict[str, Any], current_lr: float) -> Finding:
+    def _baseline_entry(self) -> list[Any]:
+        state = self.state
+        balance = None if state.layer_balance_baseline is None else list(state.layer_balance_baseline)
+        return [state.baseline, list(state.layer_baseline or []), balance]
+
+    def _remember(self, snapshot: RoutingSnapshot) -> None:
+        """Keep this step's entropies as a reference for the next `cut_window` steps (since the last cut)."""
+        recent = self.state.recent
+        recent.append(_entropies(snapshot))
+        del recent[: max(0, len(recent) - (self.config.cut_window + 1))]
+
+    def _sharp_fall(self, snapshot: RoutingSnapshot, below: dict[str, Any]) -> dict[str, Any]:
+        """Of what is below the cut line, what also fell that far within the recent windows.
+
+        The reference is the highest value of the last `cut_window` logging steps since the last cut
+        (the baseline before any): a drop that happened long ago, or before a resume, is a level, not
+        a sharp drop, and does not cut again. Routing entropy and balance are both watched: either
+        dropping sharply is the field's cue to lower the learning rate.
+        """
         cfg, state = self.config, self.state
+        history = state.recent or [self._baseline_entry()]
+        pooled_ref = max(float(entry[0]) for entry in history)
+        pooled_fall = _fraction_below(pooled_ref, snapshot.entropy)
+        layers = []
+        for fault in below["layers"]:
+            reference = max(float(entry[1][fault["layer"]]) for entry in history)
+            fall = _fraction_below(reference, fault["entropy"])
+            if fall >= cfg.cut_layer_drop - _SLACK:
+                layers.append({**fault, "reference": reference, "fall": fall})
+        balance_layers = []
+        for fault in below["balance_layers"]:
+            known = [float(entry[2][fault["layer"]]) for entry in history if len(entry) > 2 and entry[2] is not None]
+            reference = max(known, default=fault["baseline"])
+            fall = _fraction_below(reference, fault["balance"])
+            if fall >= cfg.cut_balance_drop - _SLACK:
+                balance_layers.append({**fault, "reference": reference, "fall": fall})
+        pooled_at_fault = below["pooled_at_fault"] and pooled_fall >= cfg.cut_drop - _SLACK
+        return {
+            **below,
+            "pooled_reference": pooled_ref,
+            "pooled_fall": pooled_fall,
+            "pooled_at_fault": pooled_at_fault,
+            "window": len(history),
+            "layers": layers,
+            "balance_layers": balance_layers,
+            "at_fault": pooled_at_fault or bool(layers) or bool(balance_layers),
+        }
+
+    def _continues(self, snapshot: RoutingSnapshot, below: dict[str, Any]) -> dict[str, Any]:
+        """Of what is below the cut line, what fell `continue_drop` further than where it stood at the last cut."""
+        cfg, state = self.config, self.state
+        assert state.level_at_last_cut is not None
+        pooled_level, layer_levels = state.level_at_last_cut[0], state.level_at_last_cut[1]
+        margin = cfg.continue_drop - _SLACK
+        pooled_fall = _fraction_below(float(pooled_level), snapshot.entropy)
+        layers = [
+            {**fault, "level_at_cut": layer_levels[fault["layer"]], "further": further}
+            for fault in below["layers"]
+            if (further := _fraction_below(float(layer_levels[fault["layer"]]), fault["entropy"])) >= margin
+        ]
+        pooled_at_fault = below["pooled_at_fault"] and pooled_fall >= margin
+        return {
+            **below,
+            "balance_layers": [],  # a balance that goes on falling meets its own halt level
+            "continue_drop": cfg.continue_drop,
+            "pooled_level_at_cut": pooled_level,
+            "pooled_further": pooled_fall,
+            "pooled_at_fault": pooled_at_fault,
+            "layers": layers,
+            "at_fault": pooled_at_fault or bool(layers),
+        }
+
+    def _balance_below(self, snapshot: RoutingSnapshot, threshold: float) -> list[dict[str, Any]]:
+        """Layers whose balance (load-share entropy) is `threshold` or more below its baseline."""
+        base = self.state.layer_balance_baseline
+        if base is None or snapshot.layer_balance is None:
+            return []
+        faults = []
+        for layer, (value, reference) in enumerate(zip(snapshot.layer_balance, base, strict=True)):
+            drop = _fraction_below(reference, value)
+            if drop >= threshold - _SLACK:
+                faults.append(
+                    {"layer": layer, "name": snapshot.layer_label(layer), "balance": value, "baseline": reference, "drop": drop}
+                )
+        return faults
+
+    def _unbalanced_layers(self, snapshot: RoutingSnapshot) -> list[dict[str, Any]]:
+        """Layers whose balance (load-share entropy) fell `halt_balance_drop` below its baseline."""
+        return self._balance_below(snapshot, self.config.halt_balance_drop)
+
+    def _cut(self, step: int, drop: dict[str, Any], current_lr: float, snapshot: RoutingSnapshot) -> Finding:
+        cfg, state = self.config, self.state
+        # The next sharp fall, and "continues" after the last cut, are measured from here.
+        state.level_at_last_cut = _entropies(snapshot)
+        state.recent = [_entropies(snapshot)]
+        state.settled_step = None
         factor = cfg.cut_factor
         clipped = current_lr * factor < cfg.min_lr
         if clipped:
@@ -475,3 +649,39 @@ def _non_finite_fields(snapshot: RoutingSnapshot) -> list[str]:
     if bad_loads:
         bad.append("load share of " + ", ".join(bad_loads))
     return bad
+
+
+def _entropies(snapshot: RoutingSnapshot) -> list[Any]:
+    """[pooled, [layer entropies], [layer balances] | None]: how the state remembers a logging step."""
+    balance = None if snapshot.layer_balance is None else [float(v) for v in snapshot.layer_balance]
+    return [float(snapshot.entropy), [float(v) for v in snapshot.layer_entropy], balance]
+
+
+def share_balance(shares: list[float]) -> float:
+    """Normalised entropy of one layer's load share, -sum s ln s / ln E in [0, 1] (routing/balance).
+
+    The same definition as `routing.metrics` computes on the device; here for snapshots made by hand.
+    With top-k routing no share exceeds 1/k, so a fully collapsed layer scores ln k / ln E, not 0.
+    """
+    if len(shares) < 2 or not all(math.isfinite(s) for s in shares):
+        return math.nan
+    total = sum(shares)
+    if total <= 0:
+        return math.nan
+    return -sum(s / total * math.log(s / total) for s in shares if s > 0) / math.log(len(shares))
+
+
+def load_limit_problem(config: GuardConfig, num_experts: int, top_k: int) -> str | None:
+    """Why `max_load_ratio` can never fire for this model, or None when it can.
+
+    With top-k routing every token makes k assignments to k different experts, so no expert's share
+    exceeds 1/k, i.e. E/k x uniform: a limit at or above that switches the load halt off unannounced.
+    """
+    ceiling = num_experts / top_k
+    if config.max_load_ratio < ceiling - _SLACK:
+        return None
+    return (
+        f"guards.max_load_ratio {config.max_load_ratio:g} can never be reached: with top-{top_k} routing over "
+        f"{num_experts} experts no expert's load share exceeds 1/{top_k}, i.e. {ceiling:g}x uniform, so the "
+        f"expert-load halt would never fire; use a value below {ceiling:g} (the default is 3)"
+    )

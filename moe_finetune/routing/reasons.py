@@ -29,6 +29,8 @@ def drop_phrase(facts: dict[str, Any]) -> str:
         phrases.append(
             f"pooled routing entropy {facts['pooled_entropy']:.2f} is {facts['pooled_drop']:.0%} below its "
             f"baseline {facts['pooled_baseline']:.2f} ({label} {facts['pooled_threshold']:.0%})"
+            + _how_it_moved(facts.get("pooled_fall"), facts.get("pooled_reference"), facts)
+            + _how_it_moved_since_cut(facts.get("pooled_further"), facts.get("pooled_level_at_cut"))
         )
     faults = facts["layers"]
     if len(faults) == 1:
@@ -36,6 +38,8 @@ def drop_phrase(facts: dict[str, Any]) -> str:
         phrases.append(
             f"{fault['name']} routing entropy {fault['entropy']:.2f} is {fault['drop']:.0%} below its "
             f"baseline {fault['baseline']:.2f} ({label} {facts['layer_threshold']:.0%})"
+            + _how_it_moved(fault.get("fall"), fault.get("reference"), facts)
+            + _how_it_moved_since_cut(fault.get("further"), fault.get("level_at_cut"))
         )
     elif faults:
         worst = sorted(faults, key=lambda f: f["drop"], reverse=True)
@@ -47,7 +51,30 @@ def drop_phrase(facts: dict[str, Any]) -> str:
             f"routing entropy is at least {facts['layer_threshold']:.0%} below baseline ({label}) in "
             f"{len(faults)} layers: {listed}{more}"
         )
+    balance = sorted(facts.get("balance_layers") or [], key=lambda f: f["drop"], reverse=True)
+    if balance:
+        worst = balance[0]
+        more = f" ({len(balance) - 1} more layer(s) likewise)" if len(balance) > 1 else ""
+        phrases.append(
+            f"{worst['name']} balance {worst['balance']:.2f} is {worst['drop']:.0%} below its baseline "
+            f"{worst['baseline']:.2f} ({label} {facts['balance_threshold']:.0%})"
+            + _how_it_moved(worst.get("fall"), worst.get("reference"), facts)
+            + more
+        )
     return " and ".join(phrases)
+
+
+def _how_it_moved(fall: float | None, reference: float | None, facts: dict[str, Any]) -> str:
+    if fall is None or reference is None:
+        return ""
+    steps = facts["window"]
+    return f", down {fall:.0%} from {reference:.2f} in the last {steps} logging step{'' if steps == 1 else 's'}"
+
+
+def _how_it_moved_since_cut(further: float | None, level: float | None) -> str:
+    if further is None or level is None:
+        return ""
+    return f", {further:.0%} further below the {level:.2f} it stood at when the last cut was made"
 
 
 def _replay(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
@@ -69,7 +96,17 @@ def _entropy_floor(facts: dict[str, Any], config: GuardConfig, step: int) -> str
 def _baseline(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     if "baseline" not in facts:
         return f"collecting the routing-entropy baseline ({facts['collected']} of {facts['needed']} logging steps)"
-    return f"routing-entropy baseline set from {facts['needed']} logging steps: pooled {facts['baseline']:.2f}"
+    sentence = f"routing-entropy baseline set from {facts['needed']} logging steps: pooled {facts['baseline']:.2f}"
+    unreachable = facts.get("unreachable_load_layers") or []
+    if unreachable:
+        worst = max(unreachable, key=lambda u: u["top_share"])
+        sentence += (
+            f"; the expert-load halt cannot fire in {len(unreachable)} layer(s) (e.g. {worst['name']}, whose "
+            f"largest expert already takes {worst['top_share']:.0%} of assignments, so its limit "
+            f"{config.load_baseline_factor:g}x that share is at or above the 1/k ceiling): guards.load_baseline_factor "
+            "or routing already this concentrated leaves only the dead-expert and balance halts there"
+        )
+    return sentence
 
 
 def _load_ratio(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
@@ -96,6 +133,41 @@ def _dead_experts(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     )
 
 
+def _balance_drop(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    layers = sorted(facts["layers"], key=lambda f: f["drop"], reverse=True)
+    worst = layers[0]
+    more = f" ({len(layers) - 1} more layer(s) likewise)" if len(layers) > 1 else ""
+    return (
+        f"{worst['name']} balance {worst['balance']:.2f} is {worst['drop']:.0%} below its baseline "
+        f"{worst['baseline']:.2f} (halt threshold {facts['threshold']:.0%}): its load is concentrating on "
+        f"few experts{more}"
+    )
+
+
+def _settled(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    cuts = facts["cuts_made"]
+    after = (
+        f"after {cuts} cut(s), the last at step {facts['last_cut_step']}"
+        if cuts
+        else "with no cut available"
+    )
+    return (
+        f"{drop_phrase(facts)}, but it has stopped falling {after}: routing has settled below its baseline, "
+        f"which is not collapse; training goes on, and halts if it falls {config.continue_drop:.0%} further"
+    )
+
+
+def _still_settled(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"routing settled below its baseline since step {facts['settled_step']} and is not falling further"
+
+
+def _holding(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return (
+        f"{drop_phrase(facts)}, but it did not fall that far within the last {config.cut_window} logging steps: "
+        "a level reached earlier, not a sharp drop, so no cut"
+    )
+
+
 def _entropy_drop_halt(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     return drop_phrase(facts)
 
@@ -115,7 +187,7 @@ def _after_last_cut(facts: dict[str, Any], config: GuardConfig, step: int) -> st
     phrase = drop_phrase(facts)
     cuts, last_cut = facts["cuts_made"], facts["last_cut_step"]
     if cuts >= facts["max_cuts"] and cuts > 0:
-        return f"{phrase} even after the last allowed cut ({cuts} of {facts['max_cuts']}, at step {last_cut})"
+        return f"{phrase}: still falling after the last allowed cut ({cuts} of {facts['max_cuts']}, at step {last_cut})"
     if cuts >= facts["max_cuts"]:
         return f"{phrase}; no last cut can be tried because cuts are off (max_cuts 0)"
     since = f"last cut at step {last_cut}" if last_cut is not None else "no cut yet"
@@ -142,7 +214,11 @@ _WRITERS: dict[str, Callable[[dict[str, Any], GuardConfig, int], str]] = {
     "baseline": _baseline,
     "load_ratio": _load_ratio,
     "dead_experts": _dead_experts,
+    "balance_drop": _balance_drop,
     "entropy_drop_halt": _entropy_drop_halt,
+    "settled": _settled,
+    "still_settled": _still_settled,
+    "holding": _holding,
     "healthy": _healthy,
     "cooldown": _cooldown,
     "after_last_cut": _after_last_cut,

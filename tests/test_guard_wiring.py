@@ -1,0 +1,182 @@
+"""Guard wiring that must never silently do nothing: logging strategies, callback order, schedulers,
+load limits that cannot fire, drift across a resume, bounded history, and the commands we print."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_monitor import capture_hooks, make_trainer
+
+from moe_finetune.callbacks import EntropyGuard, RoutingMonitor, attach
+from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, scale_learning_rate
+from moe_finetune.errors import RecipeError
+from moe_finetune.routing.policy import load_limit_problem
+from moe_finetune.rundir import ROUTING_FILE, ROUTING_PROBE_FILE
+from moe_finetune.sections import GuardConfig
+
+
+def test_epoch_logging_strategy_still_feeds_the_guard_at_every_logging_event(tiny_mixtral_dir, tmp_path):
+    monitor, guard = RoutingMonitor(), EntropyGuard(echo=None)
+    trainer = make_trainer(
+        tiny_mixtral_dir, tmp_path, max_steps=-1, num_train_epochs=3, logging_strategy="epoch"
+    )
+    attach(trainer, monitor, guard)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / ROUTING_FILE).read_text().splitlines()]
+    assert len(records) == 3  # one per epoch: 64 rows / batch 4 = 16 steps each
+    assert [r["step"] for r in records] == [16, 32, 48]
+    assert guard.policy.last_step == 48 and guard.policy.baseline is not None  # it judged every one
+    assert all("routing/entropy" in e for e in trainer.state.log_history if "loss" in e)
+
+
+@pytest.mark.parametrize("order", ["guard_first", "monitor_first"])
+def test_bare_callbacks_in_either_order_hook_the_routers_once(tiny_mixtral_dir, tmp_path, order):
+    monitor, guard = RoutingMonitor(), EntropyGuard(echo=None)
+    callbacks = [guard, monitor] if order == "guard_first" else [monitor, guard]
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path, callbacks=callbacks)
+    hooks: list[int] = []
+    monitor.add_listener(lambda *_: hooks.append(capture_hooks(trainer.model)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    one_set = 2 + 2  # the backbone's pre/post hooks + one hook per router of the 2-layer model
+    assert hooks and set(hooks) == {one_set}
+    assert guard.monitor is monitor and not guard._owns_monitor
+    lines = (tmp_path / ROUTING_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]  # routing.jsonl written once
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=100),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, base_lr=1e-4, max_lr=1e-3, step_size_up=10),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 - step / 100),
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5),
+    ],
+    ids=["one_cycle", "cyclic", "lambda", "step"],
+)
+def test_a_cut_lasts_through_schedulers_that_recompute_from_their_own_maxima(make):
+    reference_opt, cut_opt = _optimizer(), _optimizer()
+    reference, cut = make(reference_opt), make(cut_opt)
+    check_scheduler_can_be_cut(cut)
+    for _ in range(5):
+        for opt, sched in ((reference_opt, reference), (cut_opt, cut)):
+            opt.step()
+            sched.step()
+    scale_learning_rate(cut_opt, cut, 0.5)
+    for _ in range(30):  # through warm-up peaks, cycles and step boundaries
+        for opt, sched in ((reference_opt, reference), (cut_opt, cut)):
+            opt.step()
+            sched.step()
+        assert cut_opt.param_groups[0]["lr"] == pytest.approx(0.5 * reference_opt.param_groups[0]["lr"])
+
+
+def test_a_scheduler_the_guard_cannot_cut_is_refused_at_train_begin():
+    class OwnSchedule:
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.param_groups[0]["lr"] = 1e-3
+
+    with pytest.raises(RecipeError, match="cannot cut the learning rate of the scheduler OwnSchedule"):
+        check_scheduler_can_be_cut(OwnSchedule(_optimizer()))
+
+
+def test_a_load_limit_at_or_above_e_over_k_is_named_with_the_largest_useful_value():
+    problem = load_limit_problem(GuardConfig(max_load_ratio=4.5), num_experts=8, top_k=2)
+    assert problem is not None and "guards.max_load_ratio 4.5 can never be reached" in problem
+    assert "use a value below 4" in problem
+    assert load_limit_problem(GuardConfig(max_load_ratio=3.9), num_experts=8, top_k=2) is None
+
+
+def test_validate_and_train_refuse_a_load_limit_that_can_never_fire(recipe_factory, capsys):
+    from moe_finetune.cli import main
+
+    recipe = recipe_factory("guards:\n  max_load_ratio: 4.5\n")
+    for command in (["validate", str(recipe)], ["train", str(recipe)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "guards.max_load_ratio 4.5 can never be reached" in err and "Traceback" not in err
+
+
+def test_a_baseline_so_concentrated_that_its_load_limit_cannot_fire_is_said_at_the_baseline():
+    from moe_finetune.routing.policy import GuardPolicy, RoutingSnapshot
+
+    narrow = [0.4, 0.3] + [0.05] * 6  # the top expert at 40%: 1.5x that is 60% > 1/k = 50%
+    policy = GuardPolicy(GuardConfig())
+    for step in (1, 2, 3):
+        action = policy.update(RoutingSnapshot(step, 0.8, [0.8], [narrow], top_k=2), 1e-5)
+    assert action.details["unreachable_load_layers"][0]["layer"] == 0
+    assert "the expert-load halt cannot fire in 1 layer(s)" in action.reason
+
+
+def test_drift_after_a_resume_is_measured_from_the_start_of_the_run(tiny_mixtral_dir, tmp_path):
+    first = RoutingMonitor(drift_steps=1)
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path, callbacks=[first])
+    trainer.train()
+    assert (tmp_path / ROUTING_PROBE_FILE).is_file()
+    start = first._probe_start
+    resumed = RoutingMonitor(drift_steps=1)
+    again = make_trainer(tiny_mixtral_dir, tmp_path, callbacks=[resumed])
+    again.state.global_step = 4  # what the Trainer restores from checkpoint-4 before on_train_begin
+
+    class Control:
+        should_log = False
+
+    resumed.on_train_begin(
+        again.args, again.state, Control(), model=again.model, train_dataloader=again.get_train_dataloader()
+    )
+    try:
+        assert torch.equal(resumed._probe_start.topk.cpu(), start.topk.cpu())  # not re-measured at step 4
+    finally:
+        resumed._release()
+
+
+def test_monitor_history_is_bounded_while_routing_jsonl_keeps_every_step(tiny_mixtral_dir, tmp_path):
+    monitor = RoutingMonitor(history_size=2)
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path, callbacks=[monitor], max_steps=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert len(monitor.history) <= 4 and monitor.history[-1]["step"] == 12
+    assert len((tmp_path / ROUTING_FILE).read_text().splitlines()) == 12
+
+
+def test_the_printed_continue_command_repeats_the_users_overrides(recipe_factory, tmp_path: Path):
+    from moe_finetune.recipe import load_recipe
+    from moe_finetune.train import continue_command
+
+    recipe = load_recipe(
+        recipe_factory(), ["training.max_steps=400", "output_dir=/somewhere", "lora.r=8", "name=a b"]
+    )
+    command = continue_command(recipe, tmp_path / "run")
+    assert "--set training.max_steps=400 --set lora.r=8 --set 'name=a b'" in command
+    assert "output_dir=" not in command and command.endswith(f"--output-dir {tmp_path / 'run'}")
+    lower = continue_command(recipe, tmp_path / "run", drop=("training.max_steps",))
+    assert "training.max_steps" not in lower
+
+
+def test_a_dataset_of_9999_rows_is_refused_naming_the_rows_and_the_training_count(tmp_path: Path, capsys):
+    from moe_finetune.cli import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(9_999)),
+        encoding="utf-8",
+    )
+    recipe = tmp_path / "smoke.yaml"
+    smoke = (Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml").read_text()
+    recipe.write_text(smoke.replace("../data/instructions.jsonl.gz", str(data)), encoding="utf-8")
+    assert main(["validate", str(recipe)]) == 3
+    err = capsys.readouterr().err
+    assert "9,999 rows" in err and "9,799 training examples" in err and "10,000" in err
