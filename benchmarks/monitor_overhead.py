@@ -129,7 +129,7 @@ def make_trainer(
     from moe_finetune.callbacks import RoutingMonitor, attach
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
-    from moe_finetune.recipe import LoraSection
+    from moe_finetune.sections import LoraSection
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)

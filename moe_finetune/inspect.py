@@ -50,6 +50,10 @@ gradient per weight in that dtype, and `optimizer_bytes_per_param` of optimizer 
 fp32 moments `exp_avg`, `exp_avg_sq`). No separate fp32 master copy is counted, because the adapter
 weights already are fp32; for bf16 adapters with an fp32 master copy pass 12. Activations are not
 estimated: they depend on batch, sequence length and checkpointing, not on the model alone.
+
+Why one file of ~550 lines: the counting rules, the memory rules and the report they fill belong
+together (every figure in the README's recipe table comes from here); config discovery lives in
+models/configs.py.
 """
 
 from __future__ import annotations

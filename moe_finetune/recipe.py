@@ -3,6 +3,9 @@
 A recipe is validated completely before anything heavy runs (no model is loaded, no directory is
 created), and every error names the field at fault and what it accepts. `training:` is handed to
 TRL's `SFTConfig`, so its keys are checked against that class's own fields and types.
+
+Why one file of ~400 lines: loading, `--set` overrides, the `training:` checks against SFTConfig
+and the error formatting are the recipe's whole contract with the user; its sections live in sections.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ MOVED_TO_MONITOR = {"monitor": "enabled", "capacity_factor": "capacity_factor", 
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf passes `gt=0` (an infinite LoRA alpha or aux coefficient makes no run): refused everywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class QuantizationSection(Section):
@@ -100,7 +101,7 @@ class DataSection(Section):
     eval_fraction: float = Field(0.0, ge=0.0, lt=0.5, description="share of rows held out for evaluation")
     max_examples: int | None = Field(None, ge=1, description="use only the first N rows (after shuffling)")
     shuffle: bool = Field(True, description="shuffle rows (seeded) before splitting")
-    seed: int = Field(0, description="seed for shuffling and the eval split")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed for shuffling and the eval split")
     min_examples: int = Field(
         DEFAULT_MIN_EXAMPLES,
         ge=0,
@@ -141,14 +142,12 @@ class MonitorSection(Section):
     )
 
 
-class GuardConfig(BaseModel):
+class GuardConfig(Section):
     """The recipe's `guards:` section: when the routing guards cut the learning rate or halt training.
 
     Also the argument of `EntropyGuard(config=...)` and `GuardPolicy(config)`, so a user of an existing
     Trainer tunes the same fields a recipe does.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(
         True,

@@ -42,17 +42,9 @@ def validate_recipe(
     check_files(recipe)
     report = ValidationReport(recipe=recipe, warnings=recipe_warnings(recipe))
     if check_data:
-        from moe_finetune.callbacks.dataset_size import check_dataset_size
-        from moe_finetune.data import load_data
+        from moe_finetune.train import load_training_data
 
-        data = load_data(recipe.data, recipe.resolve_path(recipe.data.path))
-        check_dataset_size(
-            data.num_train,
-            recipe.data.min_examples,
-            str(data.path),
-            rows_in_file=data.total_rows,
-            eval_rows=len(data.eval) if data.eval is not None else 0,
-        )
+        data, _ = load_training_data(recipe)  # refused (exit 3) exactly as `train` would refuse it
         report.lines.append(f"data: {data.num_train:,} training examples ({data.schema}) in {data.path}")
 
     config = recipe_model_config(recipe)

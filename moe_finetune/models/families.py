@@ -30,11 +30,12 @@ _TINY_BASE: dict[str, Any] = {
 class FamilySpec:
     """How one MoE family routes, where its experts live, and how to build a tiny one.
 
-    `scores` says which probabilities an entropy or a load should be computed from: "softmax"
-    over the router logits (Mixtral, Qwen, OLMoE, GPT-OSS), or "sigmoid" scores normalised to sum
-    to one (DeepSeek-V3, whose choice also adds a correction bias: the chosen experts are read
-    from the router's own output, never recomputed, so the bias and the expert groups are
-    honoured exactly).
+    `scores` says which probabilities the mean routing distribution (prob share, aux loss) is
+    computed from: "softmax" over the router logits (Mixtral, Qwen, OLMoE, GPT-OSS), or "sigmoid"
+    scores normalised to sum to one (DeepSeek-V3, whose choice also adds a correction bias: the
+    chosen experts are read from the router's own output, never recomputed, so the bias and the
+    expert groups are honoured exactly). The per-token routing entropy is softmax(logits) in every
+    family (routing/capture.py says why: normalised sigmoid scores saturate).
     """
 
     name: str

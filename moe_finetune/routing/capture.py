@@ -29,6 +29,9 @@ What a hook sees and why it is read the way it is (facts: shared/research/famili
   aux loss and `prob_balance`) uses the family's routing scores (`FamilySpec.scores`); the per-token
   entropy is always that of softmax(logits). For a softmax router the two are the same thing; for
   a sigmoid router (DeepSeek-V3) see `routing_entropy_probs` for why and what was measured.
+
+Why one file of ~400 lines: the hooks and the per-device sums they fill are one mechanism; the drift
+probe that reuses them lives in probe.py.
 """
 
 from __future__ import annotations

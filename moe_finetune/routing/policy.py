@@ -17,150 +17,47 @@ reads. The checks, in order:
 4. collapse of the load: an expert over its load limit, a quarter of a layer's experts dead for
    `dead_patience` checks, or a layer's balance `halt_balance_drop` below its baseline -> halt
 5. level limits: routing entropy `halt_drop` / `halt_layer_drop` below baseline -> halt
-6. a sharp drop: routing entropy fell `cut_drop` (pooled) or `cut_layer_drop` (a layer) within the last
-   `cut_window` logging steps (and since the last cut), and sits that far below its baseline -> cut the
-   LR, then `cooldown` windows of grace
+6. a sharp drop: routing entropy fell `cut_drop` (pooled) or `cut_layer_drop` (a layer), or a layer's
+   balance fell `cut_balance_drop`, within the last `cut_window` logging steps (and since the last cut),
+   and sits that far below its baseline -> cut the LR, then `cooldown` windows of grace
 7. after the last cut (`max_cuts` used, or the LR at `min_lr`), entropy still below the cut line:
    it "continues" when it falls `continue_drop` further below where it stood at the last cut -> halt;
    otherwise the run has settled below its baseline -> one `settled` event, and it runs on
 
 Two entropies, because sharpening is not collapse (README, "What the guards do"): *routing entropy*
 (`routing/entropy`, the mean per-token entropy of the router's distribution) falls when routers get
-confident, which healthy specialisation also does, so a sharp fall of it cuts the learning rate, as the
-field advises, and only an extreme level of it halts. *Balance* (`routing/balance`, the entropy of a
-layer's load share) falls when the load concentrates on few experts, which is collapse, so it halts,
-beside the load and dead-expert limits.
+confident, which healthy specialisation also does; *balance* (`routing/balance`, the entropy of a
+layer's load share) falls when the load concentrates on few experts, which is collapse. A sharp drop
+of either cuts the learning rate, as the field advises; collapse of the load (balance far below its
+baseline, an expert over its limit, dead experts) halts, and routing entropy halts only at an extreme
+level or when it goes on falling after the last cut.
 
 "Drop" is (reference - value) / reference. The defaults are DESIGN.md section 5: our own proposals,
 not published constants.
+
+Why one file of ~550 lines: it is one state machine, and its checks are meant to be read in the
+order `decide` runs them; its inputs, state and outputs live in guard_state.py, its sentences in reasons.py.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from moe_finetune.routing import reasons
+from moe_finetune.routing.guard_state import (
+    Finding,
+    GuardAction,
+    GuardState,
+    RoutingSnapshot,
+    share_balance,
+)
 from moe_finetune.sections import GuardConfig
+
+__all__ = ["Finding", "GuardAction", "GuardPolicy", "GuardState", "RoutingSnapshot", "load_limit_problem"]
 
 # A drop of exactly 10% computed in floats is 0.0999...; a threshold compares with this much slack.
 _SLACK = 1e-9
-
-ActionKind = Literal["none", "cut_lr", "halt", "settled"]
-
-
-@dataclass(frozen=True)
-class RoutingSnapshot:
-    """Routing health at one logging step, already reduced across ranks."""
-
-    step: int
-    entropy: float  # pooled normalised routing entropy, 0..1 (mean over MoE layers)
-    layer_entropy: list[float]  # (L,) normalised routing entropy per MoE layer
-    load_share: list[list[float]]  # (L, E) fraction of top-k assignments per expert; rows sum to 1
-    finite: bool = True  # False when the router logits themselves held NaN/inf
-    layer_names: list[str] | None = None  # (L,) router module names, for the reason sentences
-    # An expert is dead below this multiple of uniform: the monitor's own line, so the guard and
-    # routing/dead_experts agree (monitor.dead_threshold in a recipe).
-    dead_threshold: float = 0.1
-    # (L,) normalised entropy of each layer's load share (routing/balance per layer); derived from
-    # load_share when not given, so a hand-made snapshot is judged the same way.
-    layer_balance: list[float] | None = None
-    top_k: int | None = None  # experts chosen per token: no load share can exceed 1/top_k
-
-    def __post_init__(self) -> None:
-        layers = len(self.layer_entropy)
-        if self.load_share and len(self.load_share) != layers:
-            raise ValueError(
-                f"snapshot at step {self.step}: load_share has {len(self.load_share)} layers but "
-                f"layer_entropy has {layers}"
-            )
-        if self.layer_names is not None and len(self.layer_names) != layers:
-            raise ValueError(
-                f"snapshot at step {self.step}: layer_names has {len(self.layer_names)} names but "
-                f"layer_entropy has {layers} layers"
-            )
-        if self.layer_balance is None and self.load_share:
-            object.__setattr__(self, "layer_balance", [share_balance(row) for row in self.load_share])
-
-    def layer_label(self, layer: int) -> str:
-        """How a sentence names a layer: its router's module name when known."""
-        return f"layer {self.layer_names[layer]}" if self.layer_names is not None else f"layer {layer}"
-
-
-@dataclass(frozen=True)
-class GuardAction:
-    """What the adapter should do: nothing, multiply the learning rate by `factor`, or halt training."""
-
-    kind: ActionKind  # "settled" is a fact to record, not something to do
-    reason: str  # one sentence with the numbers in it, naming the layers at fault
-    factor: float = 1.0  # learning-rate multiplier to apply for cut_lr (1.0 otherwise)
-    step: int | None = None
-    details: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable: the check, layers, values
-
-
-@dataclass(frozen=True)
-class Finding:
-    """The outcome of one check: the action it calls for and the facts behind it (`facts["check"]` names it)."""
-
-    kind: ActionKind
-    facts: dict[str, Any]
-    factor: float = 1.0
-
-
-# Checkpoints written before these fields were renamed (or added) still resume.
-_LEGACY_STATE_NAMES = {"load_baseline": "baseline_top_share", "alive_baseline": "alive_at_baseline"}
-_ADDED_STATE_FIELDS = {"layer_balance_baseline", "balance_samples", "recent", "level_at_last_cut", "settled_step"}
-
-
-@dataclass
-class GuardState:
-    """Everything the policy remembers between logging steps; its fields are the checkpointed state."""
-
-    baseline: float | None = None  # pooled entropy at the baseline
-    layer_baseline: list[float] | None = None  # (L,) per-layer entropy at the baseline
-    baseline_samples: list[list[Any]] = field(default_factory=list)  # [pooled, [layers]] while collecting
-    load_samples: list[list[list[float]]] = field(default_factory=list)  # (L, E) shares while collecting
-    baseline_top_share: list[float] | None = None  # (L,) each layer's largest expert share at the baseline
-    alive_at_baseline: list[list[bool]] | None = None  # (L, E) experts that were alive at the baseline
-    cuts_made: int = 0
-    cooldown_left: int = 0
-    multiplier: float = 1.0  # product of the cut factors applied so far
-    dead_streaks: list[int] = field(default_factory=list)  # (L,) consecutive checks with too many dead
-    last_step: int | None = None  # a step judged once is never judged again
-    last_cut_step: int | None = None
-    layer_balance_baseline: list[float] | None = None  # (L,) balance at the baseline
-    balance_samples: list[list[float]] = field(default_factory=list)  # (L,) balances while collecting
-    # [pooled entropy, [layer entropies], [layer balances]] of the logging steps since the last cut (at
-    # most cut_window + 1): the reference a sharp drop is measured from
-    recent: list[list[Any]] = field(default_factory=list)
-    level_at_last_cut: list[Any] | None = None  # the same, when the last cut was made
-    settled_step: int | None = None  # when the run was found settled after its last cut
-
-    def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""
-        return copy.deepcopy(dataclasses.asdict(self))
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> GuardState:
-        state = {_LEGACY_STATE_NAMES.get(key, key): value for key, value in state.items()}
-        names = [f.name for f in dataclasses.fields(cls)]
-        missing = sorted(set(names) - set(state))
-        # fields added later default for checkpoints written before them
-        defaults = cls()
-        missing = [name for name in missing if name not in _ADDED_STATE_FIELDS]
-        if missing:
-            raise ValueError(f"guard state is missing {', '.join(missing)}; was it written by GuardPolicy?")
-        restored = cls(
-            **{
-                name: copy.deepcopy(state[name]) if name in state else copy.deepcopy(getattr(defaults, name))
-                for name in names
-            }
-        )
-        restored.baseline_samples = [[pooled, list(layers)] for pooled, layers in restored.baseline_samples]
-        return restored
 
 
 class GuardPolicy:
@@ -655,20 +552,6 @@ def _entropies(snapshot: RoutingSnapshot) -> list[Any]:
     """[pooled, [layer entropies], [layer balances] | None]: how the state remembers a logging step."""
     balance = None if snapshot.layer_balance is None else [float(v) for v in snapshot.layer_balance]
     return [float(snapshot.entropy), [float(v) for v in snapshot.layer_entropy], balance]
-
-
-def share_balance(shares: list[float]) -> float:
-    """Normalised entropy of one layer's load share, -sum s ln s / ln E in [0, 1] (routing/balance).
-
-    The same definition as `routing.metrics` computes on the device; here for snapshots made by hand.
-    With top-k routing no share exceeds 1/k, so a fully collapsed layer scores ln k / ln E, not 0.
-    """
-    if len(shares) < 2 or not all(math.isfinite(s) for s in shares):
-        return math.nan
-    total = sum(shares)
-    if total <= 0:
-        return math.nan
-    return -sum(s / total * math.log(s / total) for s in shares if s > 0) / math.log(len(shares))
 
 
 def load_limit_problem(config: GuardConfig, num_experts: int, top_k: int) -> str | None:
