@@ -180,3 +180,42 @@ def test_a_dataset_of_9999_rows_is_refused_naming_the_rows_and_the_training_coun
     assert main(["validate", str(recipe)]) == 3
     err = capsys.readouterr().err
     assert "9,999 rows" in err and "9,799 training examples" in err and "10,000" in err
+
+
+def test_a_trainer_with_a_scheduler_the_guard_cannot_cut_stops_at_train_begin_with_exit_2(
+    tiny_mixtral_dir, tmp_path
+):
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path)
+    attach(trainer, RoutingMonitor(), EntropyGuard(echo=None))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.optimizer = torch.optim.AdamW(params, lr=1e-3)
+
+    class OwnSchedule:  # recomputes the rate from its own maximum at every step
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def step(self):
+            self.optimizer.param_groups[0]["lr"] = 1e-3
+
+        def get_last_lr(self):
+            return [1e-3]
+
+    trainer.lr_scheduler = OwnSchedule(trainer.optimizer)
+    with pytest.raises(RecipeError) as caught:
+        trainer.train()
+    assert caught.value.exit_code == 2 and "OwnSchedule" in str(caught.value)
+    assert trainer.state.global_step == 0
+
+
+def test_guard_events_past_the_resumed_step_are_dropped_like_routing_jsonl(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    events = tmp_path / "guard_events.jsonl"
+    events.write_text("".join(json.dumps({"step": s, "action": "cut_lr"}) + "\n" for s in (5, 10, 15)))
+    guard = EntropyGuard(echo=None)
+    state = TrainerState(global_step=10, is_world_process_zero=True)
+    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-5)
+    guard.on_train_begin(args, state, TrainerControl(), model=None, optimizer=None, lr_scheduler=None)
+    assert [json.loads(line)["step"] for line in events.read_text().splitlines()] == [5, 10]
