@@ -222,6 +222,13 @@ def _load_saved(path: Path, split: str) -> Any:
     return loaded
 
 
+def _has_whitespace_only_line(path: Path) -> bool:
+    """Whether some line holds only spaces or tabs (not an empty line, which csv skips too)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        return any(line.strip() == b"" and line.strip(b"\r\n") != b"" for line in handle)
+
+
 def _load_with_datasets(path: Path, fmt: str, split: str) -> Any | None:
     """The file as datasets reads it, or None where only the row-by-row reader can say what is wrong."""
     import datasets
@@ -233,7 +240,9 @@ def _load_with_datasets(path: Path, fmt: str, split: str) -> Any | None:
         return None
     if fmt == "csv":
         header = _csv_header(path)
-        if not header or len(set(header)) != len(header):
+        if not header or len(set(header)) != len(header) or _has_whitespace_only_line(path):
+            # pandas skips a line of spaces as blank, where csv (and the recipe's rules) see a row
+            # with an empty field: only the row-by-row reader names it
             return None
         # Every cell a string ('' when empty), as csv.DictReader gives them: "4" stays text, not 4.
         options = {

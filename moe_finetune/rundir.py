@@ -62,7 +62,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
     written past it (by the attempt that stopped) would repeat; a fresh run (step 0) starts the file over."""
     if not path.exists():
         return
-    kept = [record for record in read_jsonl(path) if record.get("step", 0) <= step]
+    kept = [] if step == 0 else [record for record in read_jsonl(path) if record.get("step", 0) <= step]
     path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
 
 

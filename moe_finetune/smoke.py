@@ -7,9 +7,10 @@ the per-layer routing table. Seconds on a laptop CPU; nothing is downloaded.
 
 A run that is not healthy is reported with exit 4, the code of "training halted by a guard": a guard
 that halts it, router output that is not finite (the guard's own halt condition, whether or not a guard
-was attached to see it), no routing metrics at all, or a training loss that is not finite. Each is the
-smoke run's health check failing on a tiny random model, which is neither a bug in moe-finetune (exit 1)
-nor an invalid input (exit 2); `SmokeResult.problem` says which one it was.
+was attached to see it), or a training loss that is not finite. Each is the smoke run's health check
+failing on a tiny random model, which is neither a bug in moe-finetune nor an invalid input (exit 2).
+No routing metrics at all means our family spec no longer finds the routers: a bug, exit 1.
+`SmokeResult.problem` says which one it was.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import RecipeError, TrainingHalted
+from moe_finetune.errors import MoeFinetuneError, RecipeError, TrainingHalted
 from moe_finetune.routing.metrics import RoutingMetrics
 
 Echo = Callable[[str], None]
@@ -74,9 +75,14 @@ class SmokeResult:
         return self.problem is None
 
     def raise_for_problem(self) -> None:
-        """Raise TrainingHalted (exit 4) saying what was wrong, when the run was not healthy."""
-        if self.problem is not None:
-            raise TrainingHalted(f"smoke {self.family}: {self.problem}")
+        """Raise what the run's problem means: TrainingHalted (exit 4) for an unhealthy run, and an
+        internal error (exit 1) when no routing metrics were logged at all, because then our family spec
+        no longer finds the routers in this transformers: a bug of ours to fix, not a run to halt."""
+        if self.problem is None:
+            return
+        if self.halt_reason is None and self.metrics is None:
+            raise MoeFinetuneError(f"smoke {self.family}: {self.problem}; this is a bug in moe-finetune, please report it")
+        raise TrainingHalted(f"smoke {self.family}: {self.problem}")
 
 
 def _smoke_dataset(rows: int) -> Any:

@@ -2,8 +2,9 @@
 
 Order matters and is the contract: the recipe and its files are checked, the dataset is loaded and
 counted (refused if too small) before any model is loaded, and the output directory is cleared and
-written only once everything that can be checked has been. A failure before training leaves nothing
-behind; a failure during training leaves the checkpoints already saved.
+written only once everything that can be checked has been. A failure before the first training step
+takes back the folder it made (an existing run is cleared by --overwrite only once the trainer is
+built); a failure during training leaves the checkpoints already saved.
 
 `build_trainer(recipe)` is the guarded SFTTrainer a recipe describes, for users who drive it
 themselves; `run(recipe)` is `build_trainer` plus the run directory, the interrupt handling, the exit
@@ -28,7 +29,14 @@ from moe_finetune.models.loading import load_model_and_tokenizer
 from moe_finetune.models.lora import Coverage, apply_lora, coverage
 from moe_finetune.recipe import Recipe, check_files, recipe_warnings
 from moe_finetune.routing.policy import load_limit_problem
-from moe_finetune.rundir import ADAPTER_DIR, EVENTS_FILE, REPORT_FILE, RESOLVED_RECIPE_FILE, checkpoint_steps
+from moe_finetune.rundir import (
+    ADAPTER_DIR,
+    EVENTS_FILE,
+    REPORT_FILE,
+    RESOLVED_RECIPE_FILE,
+    checkpoint_steps,
+    read_jsonl,
+)
 from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
 Echo = Callable[[str], None]
@@ -309,22 +317,29 @@ def run(
         echo(f"warning: {warning}")
 
     existed = output_dir.exists()
+    trainer, cleared = None, False
     try:
         trainer = build_trainer(recipe, allow_small_dataset=allow_small_dataset, echo=echo)
         start_run_directory(trainer, recipe, output_dir, clear=overwrite and not resume)
+        cleared = overwrite and not resume
+        interrupt = InterruptCallback()
+        trainer.add_callback(interrupt)
+        interrupt.install()
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            interrupt.uninstall()
     except BaseException:
-        # Nothing was trained yet: take back the folder this attempt made (TrainingArguments makes one).
-        if not existed and last_checkpoint(output_dir) is None:
+        # Failed before the first step (a model that does not load, a scheduler the guard refuses at
+        # train begin, ...): take back the folder this attempt made. A run that trained keeps its
+        # checkpoints; a folder that was there before is left alone (--overwrite clears it only once
+        # the trainer is built).
+        made_here = not existed or cleared
+        started = trainer is not None and trainer.state.global_step > 0
+        is_main = trainer is None or trainer.is_world_process_zero()
+        if made_here and not started and is_main and last_checkpoint(output_dir) is None:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
-
-    interrupt = InterruptCallback()
-    trainer.add_callback(interrupt)
-    interrupt.install()
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    finally:
-        interrupt.uninstall()
 
     callbacks = trainer.callback_handler.callbacks
     monitor = next((c for c in callbacks if isinstance(c, RoutingMonitor)), None)
@@ -333,7 +348,7 @@ def run(
     rerun = continue_command(recipe, output_dir)
     guard = next((c for c in callbacks if isinstance(c, EntropyGuard)), None)
     if guard is not None and guard.halted is not None:
-        earlier = checkpoint_before_trouble(output_dir, guard.events)
+        earlier = checkpoint_before_trouble(output_dir, list(read_jsonl(output_dir / EVENTS_FILE)) or guard.events)
         where = f"--resume {earlier}" if earlier is not None else "--resume"
         raise TrainingHalted(
             f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "

@@ -320,3 +320,10 @@ def test_rows_shuffle_and_split_as_the_row_by_row_reader_does(tmp_path: Path, fm
     assert (loaded.schema, loaded.total_rows) == (schema, 40)
     assert loaded.eval[:] == shuffled.select(range(3))[:]
     assert loaded.train[:] == shuffled.select(range(3, 30))[:]
+
+
+def test_a_csv_line_of_spaces_is_a_row_with_an_empty_field_not_a_blank_line(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text("text\nhello\n  \nworld\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 3 field 'text' must be a non-empty string"):
+        load_data(DataSection(path=str(path), min_examples=0), path)

@@ -115,14 +115,43 @@ def test_a_drop_reached_slowly_over_many_windows_is_a_level_not_a_sharp_drop():
 
 def test_recovery_run_resumed_below_its_baseline_at_a_lower_rate_runs_on_untouched():
     """The halt message's advice: resume from the checkpoint before trouble with a lower learning rate.
-    The entropy already sits 9% below the baseline (past the cut line) and then holds: no cut, no halt."""
+    The entropy slid (never sharply) to 12% below the baseline, past the cut line, and then holds:
+    judged as a level against the baseline it would be cut at once; as a rate, nothing happens."""
     original = GuardPolicy(GuardConfig())
-    drive(original, [0.8, 0.8, 0.8, 0.78, 0.76, 0.75])  # a slow slide to 0.75: never sharp enough to cut
+    slide = [0.8, 0.8, 0.8] + [0.8 - 0.004 * i for i in range(1, 25)]  # 0.5% a window, to 0.704
+    assert set(kinds(drive(original, slide))) == {"none"}
     resumed = GuardPolicy(GuardConfig())
     resumed.load_state_dict(json.loads(json.dumps(original.state_dict())))
-    actions = drive(resumed, [0.73 + 0.005 * math.sin(i) for i in range(200)], lr0=1e-7, first_step=7)
+    held = [0.704 + 0.002 * math.sin(i) for i in range(200)]
+    actions = drive(resumed, held, lr0=1e-6, first_step=len(slide) + 1)
     assert set(kinds(actions)) == {"none"}
+    assert "not a sharp drop" in actions[-1].reason
     assert resumed.cuts_made == 0
+
+
+def test_a_checkpoint_from_before_the_sharp_drop_reference_resumes_without_cutting_at_once():
+    """Guard state written before `recent` existed: its first step after the resume is the reference,
+    not a drop from the baseline level (which would cut, or halt after the last cut, at once)."""
+    policy = GuardPolicy(GuardConfig())
+    drive(policy, [0.8, 0.8, 0.8, 0.68])  # one cut
+    legacy = policy.state_dict()
+    for added in ("recent", "level_at_last_cut", "layer_balance_baseline", "balance_samples", "settled_step"):
+        legacy.pop(added)
+    legacy.pop("reseed_reference")
+    legacy["load_baseline"] = legacy.pop("baseline_top_share")  # and the old names
+    legacy["alive_baseline"] = legacy.pop("alive_at_baseline")
+    resumed = GuardPolicy(GuardConfig())
+    resumed.load_state_dict(legacy)
+    actions = drive(resumed, [0.68] * 20, lr0=LR0 * 0.5, first_step=5)
+    assert set(kinds(actions)) == {"none"} and resumed.cuts_made == 1
+    concentrating = [0.28] * 3 + [0.032] * 5  # the balance baseline was re-taken at the resume
+    assert resumed.update(snap(25, 0.68, load=[list(UNIFORM), concentrating]), LR0 * 0.5).kind == "cut_lr"
+
+
+def test_a_fall_spread_over_more_than_cut_window_logging_steps_is_not_sharp():
+    policy = GuardPolicy(GuardConfig(cut_window=1))
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.75, 0.70, 0.655])  # under 10% from one step to the next
+    assert "cut_lr" not in kinds(actions)
 
 
 def test_single_layer_drop_cuts_and_names_the_layer():

@@ -219,3 +219,79 @@ def test_guard_events_past_the_resumed_step_are_dropped_like_routing_jsonl(tmp_p
     args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-5)
     guard.on_train_begin(args, state, TrainerControl(), model=None, optimizer=None, lr_scheduler=None)
     assert [json.loads(line)["step"] for line in events.read_text().splitlines()] == [5, 10]
+
+
+def test_attaching_a_guard_alone_registers_a_monitor_whose_metrics_reach_the_loggers(tiny_mixtral_dir, tmp_path):
+    from test_monitor import Recorder
+
+    recorder = Recorder()
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path, callbacks=[recorder])
+    guard = EntropyGuard(echo=None)
+    attach(trainer, guard)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not any("passed to the Trainer directly" in str(w.message) for w in caught)
+    assert isinstance(guard.monitor, RoutingMonitor) and guard.monitor in trainer.callback_handler.callbacks
+    seen = [logs for logs in recorder.logs if "loss" in logs]
+    assert seen and all("routing/entropy" in logs for logs in seen)
+
+
+def test_a_guard_reused_for_a_second_train_hooks_the_routers_again_and_judges_from_step_one(
+    tiny_mixtral_dir, tmp_path
+):
+    guard = EntropyGuard(echo=None)
+    for attempt in ("first", "second"):
+        trainer = make_trainer(tiny_mixtral_dir, tmp_path / attempt, callbacks=[guard])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+        assert guard.policy.last_step == 4 and guard.policy.baseline is not None
+        assert len((tmp_path / attempt / ROUTING_FILE).read_text().splitlines()) == 4
+
+
+def _guard_at(tmp_path, saved_step):
+    from types import SimpleNamespace
+
+    guard = EntropyGuard(echo=None, output_dir=tmp_path)
+    guard._last_saved_step = saved_step
+    return guard, SimpleNamespace(should_save=False)
+
+
+def test_a_first_halt_with_no_checkpoint_before_it_keeps_nothing_as_healthy(tmp_path):
+    guard, control = _guard_at(tmp_path, saved_step=None)
+    guard._keep_healthy_checkpoint(30, "halt", control)
+    assert guard.kept_checkpoint is None and not control.should_save  # its own checkpoint is the collapsed one
+    guard, control = _guard_at(tmp_path, saved_step=None)
+    guard._keep_healthy_checkpoint(30, "cut_lr", control)
+    assert control.should_save and guard._keep_at_save == 30  # a first cut saves the best point left
+
+
+def test_the_kept_checkpoint_is_decided_from_the_saves_every_rank_saw_not_one_ranks_disk(tmp_path):
+    guard, control = _guard_at(tmp_path, saved_step=20)
+    guard.is_main = False  # another rank: no checkpoint folder on its disk, yet the same decision
+    guard._keep_healthy_checkpoint(30, "cut_lr", control)
+    assert not control.should_save and guard.kept_checkpoint == tmp_path / "last-healthy" / "checkpoint-20"
+
+
+def test_a_resumed_trainer_with_its_own_optimizer_keeps_its_rate_unless_the_user_changes_it(tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    def resume(requested: float) -> float:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-4)  # not args.learning_rate
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        first = EntropyGuard(echo=None, output_dir=tmp_path)
+        args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-3)
+        begin = TrainerState(global_step=0, is_world_process_zero=True)
+        first.on_train_begin(args, begin, TrainerControl(), optimizer=optimizer, lr_scheduler=scheduler)
+        saved = first.state()
+        resumed = EntropyGuard(echo=None, output_dir=tmp_path)
+        state = TrainerState(global_step=10, is_world_process_zero=True, stateful_callbacks={"EntropyGuard": saved})
+        args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=requested)
+        resumed.on_train_begin(args, state, TrainerControl(), optimizer=optimizer, lr_scheduler=scheduler)
+        return optimizer.param_groups[0]["lr"]
+
+    assert resume(1e-3) == pytest.approx(1e-4)  # same request: the optimizer's own 1e-4 stays
+    assert resume(5e-4) == pytest.approx(5e-5)  # half the request: half the rate

@@ -2,8 +2,9 @@
 
 It does three things a bare `callbacks=[...]` cannot:
 
-1. links each EntropyGuard given without a monitor to the RoutingMonitor attached beside it, so the
-   routers are hooked once;
+1. links each EntropyGuard given without a monitor to the RoutingMonitor attached beside it (or to
+   one it creates and registers when none is given), so the routers are hooked once and the
+   metrics reach the loggers;
 2. registers monitors before everything else, because the guard judges what the monitor has just
    measured in the same step;
 3. wraps `trainer.log` once, so whatever a callback queues in its `pop_log()` lands in the Trainer's
@@ -28,6 +29,11 @@ _ATTACHED_MARK = "_moe_finetune_attached"
 def attach(trainer: Any, *callbacks: Any) -> Any:
     """Register `callbacks` on `trainer`, monitors first, and send their metrics through `trainer.log`."""
     monitors = [c for c in callbacks if isinstance(c, RoutingMonitor)]
+    guards_alone = [c for c in callbacks if isinstance(c, EntropyGuard) and c.monitor is None]
+    if guards_alone and not monitors:
+        # A guard needs a monitor; one registered here (not run privately by the guard) also sends its
+        # metrics through the log wrapper below, so the loggers see them.
+        monitors = [RoutingMonitor()]
     for callback in callbacks:
         if isinstance(callback, EntropyGuard) and callback.monitor is None and monitors:
             callback.monitor = monitors[0]

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.rundir import KEPT_CHECKPOINT_DIR, REPORT_FILE, checkpoint_steps
+from moe_finetune.rundir import EVENTS_FILE, KEPT_CHECKPOINT_DIR, REPORT_FILE, checkpoint_steps, read_jsonl
 
 
 def checkpoint_before_trouble(output_dir: Path, events: list[dict[str, Any]]) -> Path | None:
@@ -42,6 +42,8 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 def write_collapse_report(output_dir: Path, guard: Any) -> Path:
     """`collapse_report.md`: what happened, in which layers, with the numbers, and how to go on."""
+    # The whole run's events (a resumed run's guard only saw its own attempt's), this attempt's otherwise.
+    events = list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
     halt = guard.events[-1] if guard.events and guard.events[-1]["action"] == "halt" else None
     step = guard.halt_step
     lines = [
@@ -53,7 +55,7 @@ def write_collapse_report(output_dir: Path, guard: Any) -> Path:
         f"- **Learning-rate cuts before the halt:** {guard.policy.cuts_made} (multiplier {guard.policy.multiplier:g})",
         "",
     ]
-    earlier = checkpoint_before_trouble(output_dir, guard.events)
+    earlier = checkpoint_before_trouble(output_dir, events)
     if earlier is not None:
         lines += [
             f"To go on from `{earlier.name}`, the last checkpoint saved before the guard first acted, with a lower "
@@ -106,7 +108,7 @@ def write_collapse_report(output_dir: Path, guard: Any) -> Path:
         "| step | action | lr before | lr after | reason |",
         "|---|---|---|---|---|",
     ]
-    for event in guard.events:
+    for event in events:
         lines.append(
             f"| {event['step']} | {event['action']} | {_fmt(event.get('lr_before'), '.3g')} | "
             f"{_fmt(event.get('lr_after'), '.3g')} | {event['reason']} |"

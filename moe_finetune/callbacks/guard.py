@@ -9,7 +9,7 @@ The policy (`routing/policy.py`) decides from numbers alone; this adapter only a
   `moe-finetune train` then exits with code 4;
 - when the guard first acts, the last checkpoint saved before that step is copied out of the
   Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run always has a
-  healthy point to go back to (one is saved at that step when none exists yet);
+  healthy point to go back to (a first cut with no checkpoint yet saves one at that step);
 - every action is logged as `routing/guard_action` (1 cut, 2 halt, 3 settled), appended to
   `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line.
 
@@ -37,7 +37,6 @@ from moe_finetune.rundir import (
     EVENTS_FILE,
     KEPT_CHECKPOINT_DIR,
     append_jsonl,
-    checkpoint_steps,
     keep_records_up_to,
 )
 from moe_finetune.sections import GuardConfig
@@ -67,17 +66,26 @@ def append_event(output_dir: Path, event: dict[str, Any]) -> None:
 
 
 def keep_out_of_rotation(checkpoint: Path, output_dir: Path) -> Path:
-    """Copy a checkpoint to OUTPUT/last-healthy/ (hard links where the file system allows: no extra space)."""
+    """Copy a checkpoint to OUTPUT/last-healthy/, out of the Trainer's save_total_limit rotation.
+
+    Weights (`*.safetensors`) are hard-linked where the file system allows, which costs no space and is
+    safe because safetensors replaces a file rather than writing into it; everything else (optimizer,
+    scheduler and trainer state, which the Trainer writes in place when it saves that step again) is
+    copied, so the kept checkpoint can never change afterwards.
+    """
     target = output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
+        if src.endswith(".safetensors"):
+            try:
+                os.link(src, dst)
+                return
+            except OSError:
+                pass
+        shutil.copy2(src, dst)
 
     shutil.copytree(checkpoint, target, copy_function=link_or_copy)
     return target
@@ -103,6 +111,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.monitor = monitor
         self._owns_monitor = False
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        self._output_dir_given = output_dir is not None  # else each train() writes to its args.output_dir
         self.echo = echo
         self.optimizer: Any = None
         self.scheduler: Any = None
@@ -111,6 +120,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.halt_step: int | None = None
         self.events: list[dict[str, Any]] = []
         self.initial_lr: float | None = None
+        self.requested_lr: float | None = None  # args.learning_rate when the run started
+        self._last_saved_step: int | None = None  # the newest checkpoint the Trainer saved (same on every rank)
         self.kept_checkpoint: Path | None = None  # the healthy checkpoint kept out of rotation
         self._keep_at_save: int | None = None  # keep the checkpoint the Trainer saves at this step
         self._pending_log: dict[str, float] = {}
@@ -123,6 +134,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
             "attributes": {
                 "_saved_policy": self.policy.state_dict(),
                 "_saved_initial_lr": self.initial_lr,
+                "_saved_requested_lr": self.requested_lr,
                 "_saved_halt_step": self.halt_step,
                 "_saved_kept_checkpoint": None if self.kept_checkpoint is None else str(self.kept_checkpoint),
             },
@@ -136,18 +148,23 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.policy.load_state_dict(policy_state)
         kept = attributes.get("_saved_kept_checkpoint")
         self.kept_checkpoint = Path(kept) if kept else None
-        saved_lr = attributes.get("_saved_initial_lr")
-        self.initial_lr = saved_lr
+        self.initial_lr = attributes.get("_saved_initial_lr")
         halt_step = attributes.get("_saved_halt_step")
+        # What the user asked for then (older checkpoints: the rate the run started with).
+        asked_then = attributes.get("_saved_requested_lr", self.initial_lr)
         requested = float(args.learning_rate)
-        if saved_lr is not None and not math.isclose(requested, saved_lr, rel_tol=1e-9):
+        self.requested_lr = requested
+        if asked_then is not None and not math.isclose(requested, asked_then, rel_tol=1e-9):
             # HF restores the scheduler's base rates from the checkpoint, which would silently ignore a
-            # learning rate changed for the resumed run: the rate the user gives is the one used.
+            # learning rate changed for the resumed run: the rate the user gives is the one used, from
+            # where the schedule stands now (a Trainer built with its own optimizer keeps its own ratio).
             current = peak_learning_rate(self.optimizer, self.scheduler)
-            before, after = scale_learning_rate(self.optimizer, self.scheduler, requested / current)
-            self.initial_lr = requested
+            target = current * requested / asked_then / self.policy.multiplier
+            before, after = scale_learning_rate(self.optimizer, self.scheduler, target / current)
+            self.policy.state.multiplier = 1.0  # the rate is the user's again; cuts count from here
+            self.initial_lr = target
             self._record(
-                "resume_lr", f"resumed with learning rate {requested:g} (was {current:g})", state, None, before, after
+                "resume_lr", f"resumed with learning rate {requested:g} (was {asked_then:g})", state, None, before, after
             )
         if halt_step is not None:
             # The run halted here before: a fresh guard episode, judged against a new baseline; the
@@ -168,8 +185,15 @@ class EntropyGuard(TrainerCallback, ExportableState):
 
         self.optimizer, self.scheduler = optimizer, lr_scheduler
         self.is_main = state.is_world_process_zero
-        if self.output_dir is None:
+        if not self._output_dir_given:
             self.output_dir = Path(args.output_dir)
+        if self._owns_monitor:  # a guard reused for another train(): its own monitor starts over too
+            self.monitor, self._owns_monitor = None, False
+        if state.global_step == 0:  # a fresh run: nothing carries over from an earlier train() call
+            self.policy = GuardPolicy(self.config)
+            self.halted, self.halt_step, self.kept_checkpoint, self._keep_at_save = None, None, None, None
+            self.events, self.initial_lr, self.requested_lr = [], None, None
+        self._last_saved_step = int(state.global_step) if state.global_step > 0 else None
         if self.config.enabled and lr_scheduler is not None:
             check_scheduler_can_be_cut(lr_scheduler)
         if self.is_main:
@@ -194,6 +218,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self.initial_lr = (
                 peak_learning_rate(optimizer, lr_scheduler) if optimizer is not None else float(args.learning_rate)
             )
+        if self.requested_lr is None:
+            self.requested_lr = float(args.learning_rate)
         return control
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -245,7 +271,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
             return
         self._pending_log["routing/guard_action"] = float(ACTION_CODES[action.kind])
         if action.kind in ("cut_lr", "halt"):
-            self._keep_healthy_checkpoint(step, control)
+            self._keep_healthy_checkpoint(step, action.kind, control)
         if action.kind == "settled":
             lr = float(self.optimizer.param_groups[0]["lr"])
             self._record("settled", action.reason, state, action, lr, lr, metrics)
@@ -261,28 +287,33 @@ class EntropyGuard(TrainerCallback, ExportableState):
         control.should_save = True
         control.should_training_stop = True
 
-    def _keep_healthy_checkpoint(self, step: int, control: Any) -> None:
-        """When the guard first acts: keep the last checkpoint before `step` out of rotation (or save one now)."""
+    def _keep_healthy_checkpoint(self, step: int, kind: str, control: Any) -> None:
+        """When the guard first acts, keep the last checkpoint before `step` out of rotation.
+
+        Decided from the saves every rank has seen (on_save), never from one rank's disk, so all ranks
+        agree on whether to save. With no checkpoint yet, a first *cut* saves one at this step (the
+        weights at the first sign of trouble, the best point left); a first *halt* keeps nothing: its
+        own checkpoint is the collapsed one.
+        """
         if self.kept_checkpoint is not None or self._keep_at_save is not None or self.output_dir is None:
             return
-        earlier = [s for s in checkpoint_steps(self.output_dir) if s < step]
-        if earlier:
-            if self.is_main:
-                self.kept_checkpoint = keep_out_of_rotation(self.output_dir / f"checkpoint-{earlier[-1]}", self.output_dir)
-            else:
-                self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / f"checkpoint-{earlier[-1]}"
+        if self._last_saved_step is not None and self._last_saved_step < step:
+            name = f"checkpoint-{self._last_saved_step}"
+            self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / name
+            if self.is_main and (self.output_dir / name).is_dir():
+                keep_out_of_rotation(self.output_dir / name, self.output_dir)
             return
-        # None saved yet: the weights before this step's update are the best point left.
-        control.should_save = True
-        self._keep_at_save = step
+        if kind == "cut_lr":
+            control.should_save = True
+            self._keep_at_save = step
 
     def on_save(self, args, state, control, **kwargs):
+        self._last_saved_step = int(state.global_step)
         if self._keep_at_save is not None and state.global_step == self._keep_at_save and self.output_dir is not None:
             checkpoint = self.output_dir / f"checkpoint-{self._keep_at_save}"
+            self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
             if self.is_main and checkpoint.is_dir():
-                self.kept_checkpoint = keep_out_of_rotation(checkpoint, self.output_dir)
-            elif not self.is_main:
-                self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
+                keep_out_of_rotation(checkpoint, self.output_dir)
             self._keep_at_save = None
         return control
 

@@ -23,6 +23,7 @@ step, learning rate, loss, pooled metrics, drift, and per layer entropy, load[E]
 
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from collections.abc import Callable
@@ -192,11 +193,20 @@ class RoutingMonitor(TrainerCallback):
         if step == 0:
             if self._is_main and path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"topk": now.topk.cpu(), "counts": now.counts.cpu(), "valid": now.valid}, path)
+                torch.save(
+                    {
+                        "topk": now.topk.cpu(),
+                        "counts": now.counts.cpu(),
+                        "valid": None if now.valid is None else now.valid.cpu(),
+                        "batch": _batch_fingerprint(self._probe_batch),
+                    },
+                    path,
+                )
             return now
         if path is not None and path.is_file():
             saved = torch.load(path, map_location=self.capture.device)
-            if tuple(saved["topk"].shape) == tuple(now.topk.shape):
+            same_rows = saved.get("batch") == _batch_fingerprint(self._probe_batch)
+            if same_rows and tuple(saved["topk"].shape) == tuple(now.topk.shape):
                 valid = saved["valid"].to(self.capture.device) if saved["valid"] is not None else None
                 return ProbeResult(topk=saved["topk"].to(self.capture.device), counts=saved["counts"], valid=valid)
         warnings.warn(
@@ -322,6 +332,12 @@ class RoutingMonitor(TrainerCallback):
         if self._model is not None and getattr(self._model, MONITOR_ATTRIBUTE, None) is self:
             delattr(self._model, MONITOR_ATTRIBUTE)
         self._model = None
+
+
+def _batch_fingerprint(batch: dict[str, torch.Tensor]) -> str:
+    """A digest of the probe's tokens: a saved reference is only comparable to the same rows."""
+    ids = batch.get("input_ids", batch.get("inputs_embeds"))
+    return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _world_size() -> int:

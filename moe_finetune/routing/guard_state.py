@@ -76,7 +76,14 @@ class Finding:
 
 # Checkpoints written before these fields were renamed (or added) still resume.
 _LEGACY_STATE_NAMES = {"load_baseline": "baseline_top_share", "alive_baseline": "alive_at_baseline"}
-_ADDED_STATE_FIELDS = {"layer_balance_baseline", "balance_samples", "recent", "level_at_last_cut", "settled_step"}
+_ADDED_STATE_FIELDS = {
+    "layer_balance_baseline",
+    "balance_samples",
+    "recent",
+    "level_at_last_cut",
+    "settled_step",
+    "reseed_reference",
+}
 
 
 @dataclass
@@ -98,10 +105,12 @@ class GuardState:
     layer_balance_baseline: list[float] | None = None  # (L,) balance at the baseline
     balance_samples: list[list[float]] = field(default_factory=list)  # (L,) balances while collecting
     # [pooled entropy, [layer entropies], [layer balances]] of the logging steps since the last cut (at
-    # most cut_window + 1): the reference a sharp drop is measured from
+    # most cut_window): the reference a sharp drop is measured from
     recent: list[list[Any]] = field(default_factory=list)
     level_at_last_cut: list[Any] | None = None  # the same, when the last cut was made
     settled_step: int | None = None  # when the run was found settled after its last cut
+    # Restored from a checkpoint written before `recent` existed: the next step seeds the reference.
+    reseed_reference: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""
@@ -124,6 +133,8 @@ class GuardState:
             }
         )
         restored.baseline_samples = [[pooled, list(layers)] for pooled, layers in restored.baseline_samples]
+        if "recent" not in state and restored.baseline is not None:
+            restored.reseed_reference = True  # judged against the baseline level, it would cut (or halt) at once
         return restored
 
 

@@ -199,6 +199,11 @@ class GuardPolicy:
         if halt_drop["at_fault"]:
             return Finding("halt", {"check": "entropy_drop_halt", **halt_drop})
 
+        # A checkpoint from before the sharp-drop reference existed: this step is the reference from
+        # now on (a level reached before the resume is not a sharp drop), and the balance baseline.
+        if state.reseed_reference:
+            self._reseed_reference(snapshot)
+
         # 6./7. Below the cut line: a sharp fall cuts; after the last cut, a further fall halts.
         below = self._drop(snapshot, cfg.cut_drop, cfg.cut_layer_drop, "cut threshold")
         below["balance_layers"] = self._balance_below(snapshot, cfg.cut_balance_drop)
@@ -401,6 +406,15 @@ class GuardPolicy:
                 )
         return out_of_patience
 
+    def _reseed_reference(self, snapshot: RoutingSnapshot) -> None:
+        state = self.state
+        state.recent = [_entropies(snapshot)]
+        if state.cuts_made > 0 and state.level_at_last_cut is None:
+            state.level_at_last_cut = _entropies(snapshot)
+        if state.layer_balance_baseline is None and snapshot.layer_balance is not None:
+            state.layer_balance_baseline = [float(v) for v in snapshot.layer_balance]
+        state.reseed_reference = False
+
     def _baseline_entry(self) -> list[Any]:
         state = self.state
         balance = None if state.layer_balance_baseline is None else list(state.layer_balance_baseline)
@@ -410,7 +424,7 @@ class GuardPolicy:
         """Keep this step's entropies as a reference for the next `cut_window` steps (since the last cut)."""
         recent = self.state.recent
         recent.append(_entropies(snapshot))
-        del recent[: max(0, len(recent) - (self.config.cut_window + 1))]
+        del recent[: max(0, len(recent) - self.config.cut_window)]
 
     def _sharp_fall(self, snapshot: RoutingSnapshot, below: dict[str, Any]) -> dict[str, Any]:
         """Of what is below the cut line, what also fell that far within the recent windows.
