@@ -15,6 +15,7 @@ _LAZY = {
     "EntropyGuard": "moe_finetune.callbacks",
     "DatasetSizeGuard": "moe_finetune.callbacks",
     "attach": "moe_finetune.callbacks",
+    "PerLayerAuxLoss": "moe_finetune.callbacks",
     "capture_routing": "moe_finetune.routing",
     "load_recipe": "moe_finetune.recipe",
     "Recipe": "moe_finetune.recipe",

@@ -5,7 +5,9 @@ set, TRL's SFTTrainer adds it itself (so a second addition would count it twice)
 has none in its model at all, and whether it can change anything depends on what is trainable.
 This module reads the model, its config and the trainer arguments and says, in sentences:
 
-1. whether the aux loss is added to the training loss, by whom, and with which coefficient:
+1. whether the aux loss is added to the training loss, by whom, which one, and with which coefficient:
+   - the per-layer loss (`PerLayerAuxLoss`, recipe `model.aux_loss: per_layer`) when it is attached:
+     its coefficient, and that transformers' pooled term is off so the loss is counted once;
    - TRL's SFTTrainer (its args have `router_aux_loss_coef`): coef = args.router_aux_loss_coef, or
      the config's `router_aux_loss_coef` (0.0 when absent); on iff the config has
      `output_router_logits` and coef != 0. SFTTrainer then sets `config.output_router_logits`
@@ -168,8 +170,14 @@ def trainable_upstream_of_routers(model: Any, spec: FamilySpec | None = None) ->
 def check_aux_loss(model: Any, trainer_args: Any = None) -> AuxLossCheck:
     """The aux-loss set-up of `model` (PEFT-wrapped or not) under `trainer_args` (SFTConfig,
     TrainingArguments, or None for a hand-written loop), with the sentences that say so."""
+    from moe_finetune.routing.load_balancing import installed_tap  # torch: only when a model is checked
+
     spec = family_for_model(model)
-    in_loss, added_by, coef = aux_loss_setting(model, trainer_args)
+    per_layer = installed_tap(model)
+    if per_layer is not None:
+        in_loss, added_by, coef = True, "PerLayerAuxLoss", per_layer.coefficient
+    else:
+        in_loss, added_by, coef = aux_loss_setting(model, trainer_args)
     reentrant = reentrant_checkpointing(model, trainer_args)
     upstream, router_trainable = trainable_upstream_of_routers(model, spec)
     receivers = [] if reentrant else upstream
@@ -186,10 +194,27 @@ def check_aux_loss(model: Any, trainer_args: Any = None) -> AuxLossCheck:
     config = _config(model)
 
     # 1. is it in the loss, and who adds it
-    if in_loss and added_by == "SFTTrainer":
+    if per_layer is not None:
         lines.append(
-            f"aux loss: ON, added once by TRL's SFTTrainer: loss += {coef:g} x load-balancing loss "
-            "(Switch/HF definition, logged by TRL as `aux_loss`; ours is `routing/aux_loss`)"
+            f"aux loss: ON, per layer, added once by PerLayerAuxLoss: loss += {coef:g} x mean over the "
+            f"{len(per_layer.layer_names)} MoE layers of each layer's own load-balancing loss ({spec.scores} scores, "
+            "the router's own top-k counts, padding excluded; logged as `routing/aux_loss_per_layer`); "
+            "transformers' pooled term is off"
+            + (
+                ""
+                if not getattr(config, "output_router_logits", False)
+                else " -- but config.output_router_logits is true, so the model's forward adds it too"
+            )
+        )
+        if getattr(config, "output_router_logits", False):
+            check.problems.append(
+                "the per-layer aux loss is attached but config.output_router_logits is true: the model's own "
+                "pooled aux loss would be added as well (counted twice); set it to False"
+            )
+    elif in_loss and added_by == "SFTTrainer":
+        lines.append(
+            f"aux loss: ON, added once by TRL's SFTTrainer: loss += {coef:g} x transformers' load-balancing loss "
+            "(Switch/HF definition, pooled over all layers; logged by TRL as `aux_loss`; ours is `routing/aux_loss`)"
         )
     elif in_loss:
         lines.append(

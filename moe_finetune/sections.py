@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The field's advice for MoE fine-tuning (DESIGN.md section 4): at least ~10,000 examples.
 DEFAULT_MIN_EXAMPLES = 10_000
@@ -64,6 +64,19 @@ class ModelSection(Section):
     router_aux_loss_coef: float | None = Field(
         None, ge=0.0, description="aux-loss coefficient; None = the model config's own (0.0 turns it off)"
     )
+    aux_loss: Literal["per_layer", "transformers", "off"] = Field(
+        "per_layer",
+        description="which load-balancing loss is added (once) with router_aux_loss_coef: per_layer = the Switch "
+        "loss of each MoE layer on its own, averaged over layers (same strength per router as transformers' at the "
+        "same coefficient); transformers = load_balancing_loss_func, which pools all layers' counts and can read "
+        "balanced while single layers collapse; off = none (as output_router_logits: false)",
+    )
+
+    @field_validator("aux_loss", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false
+        return "off" if value is False else value
 
 
 class LoraSection(Section):
@@ -81,6 +94,12 @@ class LoraSection(Section):
     )
     target_parameters: list[str] | None = Field(
         None, description="expert parameter names to adapt; None = the family's fused expert parameters"
+    )
+    expert_kernel: Literal["fast", "peft"] = Field(
+        "peft",
+        description="how expert LoRA runs: fast = on the routed tokens (grouped matmuls, no merged W + s*B*A "
+        "stack; families it cannot serve fall back to peft and the coverage line says so); peft = PEFT's "
+        "ParamWrapper (merges the whole stack every forward)",
     )
 
 

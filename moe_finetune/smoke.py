@@ -138,7 +138,7 @@ def run_smoke(
     from trl import SFTConfig, SFTTrainer
 
     from moe_finetune.aux_check import describe_aux_loss
-    from moe_finetune.callbacks import EntropyGuard, RoutingMonitor, attach
+    from moe_finetune.callbacks import EntropyGuard, PerLayerAuxLoss, RoutingMonitor, attach
     from moe_finetune.models.families import get_family
     from moe_finetune.models.lora import apply_lora
     from moe_finetune.models.tiny import build_tiny
@@ -181,6 +181,8 @@ def run_smoke(
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         for noisy in (PrinterCallback, ProgressCallback):  # our own lines instead of raw log dicts
             trainer.remove_callback(noisy)
+        # the recipes' default load-balancing loss (model.aux_loss: per_layer), so smoke checks what runs
+        PerLayerAuxLoss().attach(trainer)
         aux_lines = describe_aux_loss(trainer.model, args)
         for line in aux_lines:
             say(line)

@@ -97,7 +97,7 @@ def sft_config(recipe: Recipe, output_dir: Path, **extra: Any) -> Any:
     args = recipe.training_args()
     if recipe.model.router_aux_loss_coef is not None:
         args.setdefault("router_aux_loss_coef", recipe.model.router_aux_loss_coef)
-    if not recipe.model.output_router_logits:
+    if not recipe.model.output_router_logits or recipe.model.aux_loss == "off":
         args["router_aux_loss_coef"] = 0.0
     args.update(extra)
     if "bf16" not in recipe.training and "fp16" not in recipe.training:
@@ -173,24 +173,26 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     from trl import SFTTrainer
 
     from moe_finetune.aux_check import check_aux_loss
-    from moe_finetune.callbacks import attach
+    from moe_finetune.callbacks import PerLayerAuxLoss, attach
 
     output_dir = Path(recipe.output_dir or "runs/run")
     check_files(recipe)
     data, size_override = load_training_data(recipe, allow_small_dataset)
     # The training arguments first: creating them sets up the process group, which FSDP's and
-    # ZeRO-3's sharded loading need before the model is read. Then seed: LoRA's A matrices are
-    # drawn in get_peft_model, before the Trainer would seed anything, and a run must be repeatable.
+    # ZeRO-3's sharded loading need before the model is read.
     evaluate: dict[str, Any] = {}
     if recipe.data.eval_fraction > 0 and "eval_strategy" not in recipe.training:
         # Held-out rows are evaluated at each checkpoint (not at every logging step: that is slow).
         evaluate = {"eval_strategy": "steps", "eval_steps": recipe.training_args().get("save_steps", 500)}
     args = sft_config(recipe, output_dir, **evaluate)
-    set_seed(args.seed)
     # Under several processes the main one builds (or downloads) the model first; the others then
     # read the finished copy instead of racing it.
     with args.main_process_first(desc="loading the model"):
         model, tokenizer, family = load_model_and_tokenizer(recipe.model, recipe.resolve_path(recipe.model.name))
+    # Seed only now: LoRA's A matrices are drawn in get_peft_model, before the Trainer would seed
+    # anything, and a run must be repeatable. Seeded before the load, a tiny model built on a cold
+    # cache (random init) would draw from the same stream and change the adapter run by run.
+    set_seed(args.seed)
     if recipe.guards.enabled:
         problem = load_limit_problem(recipe.guards, family.num_experts(model.config), family.top_k(model.config))
         if problem is not None:
@@ -203,6 +205,9 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     say: Echo = echo if is_main else (lambda _line: None)
     say(banner(recipe, family, model, data, args))
     say(adapted.line())
+    if recipe.model.aux_loss == "per_layer":
+        # takes TRL's resolved coefficient over and switches TRL's pooled term off (counted once)
+        PerLayerAuxLoss().attach(trainer)
     aux = check_aux_loss(trainer.model, args)
     for line in aux.lines:
         say(line)

@@ -8,6 +8,7 @@ too for hand-written loops.
 """
 
 from moe_finetune.callbacks.attach import attach
+from moe_finetune.callbacks.aux_loss import PerLayerAuxLoss
 from moe_finetune.callbacks.dataset_size import DatasetSizeGuard, check_dataset_size
 from moe_finetune.callbacks.guard import EntropyGuard
 from moe_finetune.callbacks.monitor import RoutingMonitor
@@ -23,6 +24,7 @@ __all__ = [
     "GuardConfig",
     "GuardPolicy",
     "MonitorSection",
+    "PerLayerAuxLoss",
     "RoutingMonitor",
     "RoutingSnapshot",
     "attach",

@@ -12,7 +12,8 @@ It does three things a bare `callbacks=[...]` cannot:
    `Trainer.log` appends to the history and runs the logger callbacks before any user callback's
    `on_log`, so keys added there reach neither (DESIGN.md section 3).
 
-A new callback joins by defining `pop_log() -> dict[str, float]`.
+A `PerLayerAuxLoss` given here is installed on the trainer (`PerLayerAuxLoss.attach`). A new callback
+joins by defining `pop_log() -> dict[str, float]`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ _ATTACHED_MARK = "_moe_finetune_attached"
 
 def attach(trainer: Any, *callbacks: Any) -> Any:
     """Register `callbacks` on `trainer`, monitors first, and send their metrics through `trainer.log`."""
+    from moe_finetune.callbacks.aux_loss import PerLayerAuxLoss
+
+    losses = [c for c in callbacks if isinstance(c, PerLayerAuxLoss) and not c._attached]
+    for loss in losses:  # a loss term is installed on the trainer itself (it registers its callback part)
+        loss.attach(trainer)
+    callbacks = tuple(c for c in callbacks if c not in losses)
     monitors = [c for c in callbacks if isinstance(c, RoutingMonitor)]
     guards_alone = [c for c in callbacks if isinstance(c, EntropyGuard) and c.monitor is None]
     if guards_alone and not monitors:

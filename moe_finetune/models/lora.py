@@ -131,12 +131,16 @@ class Coverage:
     router_trainable: bool
     trainable: int
     total: int
+    # How expert LoRA runs: "peft" (ParamWrapper's merged stack) or "fast" (models/experts.py); when the
+    # recipe asked for fast and the model cannot take it, why (the run falls back to peft and says so).
+    expert_kernel: str = "peft"
+    fast_kernel_fallback: str | None = None
 
     def line(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
         experts = (
             f"experts {self.expert_layers}/{self.moe_layers} MoE layers x {self.num_experts} experts "
-            f"({', '.join(self.expert_parameters)})"
+            f"({', '.join(self.expert_parameters)}){self._kernel_note()}"
             if self.expert_parameters
             else f"experts frozen (0/{self.moe_layers} MoE layers)"
         )
@@ -145,6 +149,13 @@ class Coverage:
             f"router {'trainable' if self.router_trainable else 'frozen'}; trainable parameters "
             f"{self.trainable:,} of {self.total:,} ({share:.2f}%)"
         )
+
+    def _kernel_note(self) -> str:
+        if self.expert_kernel == "fast":
+            return " on the fast kernel"
+        if self.fast_kernel_fallback:
+            return f" on PEFT's kernel (fast kernel unavailable: {self.fast_kernel_fallback})"
+        return ""
 
 
 def _layer_of(name: str) -> str:
@@ -194,14 +205,23 @@ def apply_lora(model: Any, lora: LoraSection, spec: FamilySpec) -> tuple[Any, Co
 
     config = build_lora_config(model, lora, spec)
     peft_model = get_peft_model(model, config)
-    cov = coverage(peft_model, spec)
-    if lora.experts and cov.expert_layers == 0:
+    adapted = coverage(peft_model, spec)
+    if lora.experts and adapted.expert_layers == 0:
         raise LoraTargetError(
             "lora.experts is true but PEFT adapted no expert parameter: the adapter would leave every expert "
             f"frozen. Targets were {expert_targets(lora, spec)}"
         )
-    if lora.experts and cov.expert_layers < cov.moe_layers:
+    if lora.experts and adapted.expert_layers < adapted.moe_layers:
         raise LoraTargetError(
-            f"lora.experts: only {cov.expert_layers} of {cov.moe_layers} MoE layers got expert LoRA"
+            f"lora.experts: only {adapted.expert_layers} of {adapted.moe_layers} MoE layers got expert LoRA"
         )
-    return peft_model, cov
+    if lora.expert_kernel == "fast" and adapted.expert_layers:
+        from moe_finetune.models.experts import set_expert_lora_dropout, use_fast_expert_lora
+
+        adapted.fast_kernel_fallback = use_fast_expert_lora(peft_model)
+        if adapted.fast_kernel_fallback is None:
+            adapted.expert_kernel = "fast"
+            # PEFT refuses dropout on parameter wrappers, so the config says 0 and dropout goes in here.
+            if lora.dropout:
+                set_expert_lora_dropout(peft_model, lora.dropout)
+    return peft_model, adapted

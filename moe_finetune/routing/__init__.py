@@ -8,6 +8,7 @@ stats = cap.stats()   # RoutingMetrics: per-layer entropy, load (L x E), aux los
 """
 
 from moe_finetune.routing.capture import RoutingCapture, capture_routing
+from moe_finetune.routing.load_balancing import RouterLogitsTap, layer_balancing_loss
 from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
@@ -38,6 +39,7 @@ __all__ = [
     "GuardPolicy",
     "GuardState",
     "ProbeResult",
+    "RouterLogitsTap",
     "RoutingCapture",
     "RoutingMetrics",
     "RoutingSnapshot",
@@ -51,6 +53,7 @@ __all__ = [
     "drop_fraction",
     "js_divergence",
     "layer_aux_loss",
+    "layer_balancing_loss",
     "load_cv",
     "load_max",
     "load_share",

@@ -1,0 +1,427 @@
+"""Fast LoRA on fused experts: the adapter computed on the routed tokens, never a merged stack.
+
+PEFT reaches transformers-5 fused experts only through `target_parameters`, and its `ParamWrapper`
+parametrizes the whole stack as `W + s·B·A` (E x out x in) on every forward and every checkpoint
+recompute. Here each expert computes, on the S = tokens x top_k rows routed to it (sorted by expert),
+
+    y = x·Wᵀ + s·((x·Aᵀ)·Bᵀ)        x (S_e, in), A_e (r, in), B_e (out, r)
+
+with grouped matmuls, so the extra work is two thin (rank-r) matmuls per projection and `B·A` is
+never formed. The factors stay PEFT's own parameters (read from the wrapper), so the trainable
+parameter names, the saved adapter and `merge_and_unload` are exactly PEFT's.
+
+How it is switched on (`use_fast_expert_lora`):
+- the forward is registered in transformers' `ExpertsInterface` as `lora_grouped_mm` and selected the
+  transformers way, `model.set_experts_implementation("lora_grouped_mm")`;
+- each experts module keeps a plain dict of its `ParamWrapper`s (`_lora_param_wrappers`, not a submodule),
+  and each wrapper's class becomes `FastExpertsParamWrapper`, whose `_activate_lora` does nothing while
+  the experts run `lora_grouped_mm` (so PEFT never parametrizes the weight) and is PEFT's otherwise.
+
+PEFT's layout (peft 0.21 `ParamWrapper.update_layer` / `get_delta_weight`), for a projection with
+`in_features` inputs and `out_features` outputs whatever the storage order of W:
+`lora_A.weight` is (r·E, in), read expert-major: `.view(E, r, in)`; `lora_B.weight` is (out, r·E),
+read expert-minor: `.view(out, r, E)`, column `j·E + e` is rank j of expert e.
+
+LoRA dropout (PEFT refuses it on parameter wrappers): the fast path applies the wrapper's
+`lora_dropout[adapter]` module to each routed row's input of the LoRA term only, `s·B·A·dropout(x)`,
+independently per (token, expert) pair, the way `lora.Linear` applies it to a token's input.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import ParamWrapper
+from torch import nn
+
+LORA_EXPERTS_IMPLEMENTATION = "lora_grouped_mm"
+FAST_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------------
+# Grouped matmuls over rows sorted by expert (offs[e] = end row of expert e)
+
+
+def _aligned(*tensors: torch.Tensor) -> bool:
+    # torch's CPU grouped_mm wants 16-byte strides and one contiguous dimension in the last two.
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if t.stride(-1) != 1 and t.stride(-2) != 1:
+            return False
+        if any((s * t.element_size()) % 16 for s in t.stride()[-2:] if s != 1):
+            return False
+    return True
+
+
+def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` (S, K) times their expert's `b[e]` (E, K, N) -> (S, N). Differentiable."""
+    # Cast the rows, never the stack (autocast may hand fp32 rows to bf16 experts), as transformers does.
+    a = a.to(b.dtype)
+    if a.device.type != "cpu" or _aligned(a, b):
+        try:
+            return torch.nn.functional.grouped_mm(a, b, offs=offs)
+        except RuntimeError:
+            pass  # an old GPU or an unaligned shape: the loop below is always right
+    out, start = [], 0
+    for e, end in enumerate(offs.tolist()):  # one host sync for all experts
+        out.append(a[start:end] @ b[e])
+        start = end
+    return torch.cat(out) if out else a.new_zeros(0, b.shape[-1])
+
+
+def _grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Per expert, `a_eᵀ · b_e` for rows a (S, K), b (S, N) -> (E, K, N) (a weight gradient)."""
+    b = b.to(a.dtype)
+    at = a.t()
+    if a.device.type != "cpu" or _aligned(at, b):
+        try:
+            return torch.nn.functional.grouped_mm(at, b, offs=offs)
+        except RuntimeError:
+            pass
+    out = a.new_zeros(num_experts, a.shape[1], b.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(at[:, start:end], b[start:end], out=out[e])
+        start = end
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The two autograd functions: they save the rank-r intermediates, not the routed copies
+
+
+def _lora_linear_forward(x, weight, lora_a, lora_b, offs, s):
+    """y = x·W + s·(x·A)·B over rows grouped by expert; returns y (S, out) and h = x·A (S, r).
+
+    On CPU the rank-r products run per expert through BLAS and B's term is accumulated into the base
+    output in place (`addmm_`): in a training step torch 2.13's CPU grouped_mm took 0.1-0.15 s per skinny
+    (K or N = r) call at S = 4096, and `y + s·h·B` out of place costs two more passes over the (S, out)
+    output; this cut the fast arm's CPU time per step from 13.0 s to 4.9 s (benchmarks/expert_lora.py,
+    seq 512). Elsewhere (CUDA: not yet run on a GPU) grouped_mm.
+    """
+    y = _grouped(x, weight, offs)
+    x = x.to(lora_a.dtype)
+    if x.device.type != "cpu":
+        h = _grouped(x, lora_a, offs)
+        return y.add_(_grouped(h, lora_b, offs), alpha=s), h
+    h = x.new_empty(x.shape[0], lora_a.shape[-1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host sync for all experts
+        if end > start:
+            torch.mm(x[start:end], lora_a[e], out=h[start:end])
+            y[start:end].addmm_(h[start:end], lora_b[e].to(y.dtype), alpha=s)
+        start = end
+    return y, h
+
+
+def _lora_linear_backward(x, dy, weight, lora_a, lora_b, h, offs, s, need_weight_grad):
+    """Gradients of `_lora_linear_forward` for dy (S, out): dx (S, in), dW or None, dA (E, in, r), dB (E, r, out)."""
+    dx = _grouped(dy, weight.transpose(-2, -1), offs)  # (S, in)
+    d_weight = _grouped_outer(x, dy.to(x.dtype), offs, weight.shape[0]) if need_weight_grad else None
+    x, dy = x.to(lora_a.dtype), dy.to(lora_a.dtype)
+    if x.device.type != "cpu":
+        dh = s * _grouped(dy, lora_b.transpose(-2, -1), offs)  # (S, r)
+        dx.add_(_grouped(dh, lora_a.transpose(-2, -1), offs))
+        d_a = _grouped_outer(x, dh, offs, weight.shape[0])
+        d_b = s * _grouped_outer(h, dy, offs, weight.shape[0])
+        return dx, d_weight, d_a, d_b
+    d_a, d_b = torch.zeros_like(lora_a), torch.zeros_like(lora_b)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            rows = slice(start, end)
+            dh = torch.mm(
+                dy[rows],
+                lora_b[e].t(),
+            ).mul_(s)  # (S_e, r)
+            dx[rows].addmm_(dh.to(dx.dtype), lora_a[e].t().to(dx.dtype))
+            torch.mm(x[rows].t(), dh, out=d_a[e])
+            torch.mm(h[rows].t(), dy[rows], out=d_b[e])
+        start = end
+    return dx, d_weight, d_a, d_b.mul_(s)
+
+
+class _GateUpLora(torch.autograd.Function):
+    """`y = x·W + s·(x·A)·B` with x = hidden[token_index], saving `hidden` (N, H) instead of x (S, H).
+
+    W (E, in, out), A (E, in, r), B (E, r, out) are views in "rows times weight" order.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, token_index, weight, lora_a, lora_b, offs, scaling):
+        y, h = _lora_linear_forward(hidden[token_index], weight, lora_a, lora_b, offs, scaling)
+        ctx.save_for_backward(hidden, token_index, weight, lora_a, lora_b, offs, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        hidden, token_index, weight, lora_a, lora_b, offs, h = ctx.saved_tensors
+        x = hidden[token_index]  # re-gathered: (S, in) is k times the (N, in) we kept
+        dx, d_weight, d_a, d_b = _lora_linear_backward(
+            x, dy, weight, lora_a, lora_b, h, offs, ctx.scaling, ctx.needs_input_grad[2]
+        )
+        d_hidden = None
+        if ctx.needs_input_grad[0]:
+            d_hidden = torch.zeros_like(hidden).index_add_(0, token_index, dx.to(hidden.dtype))
+        return d_hidden, None, d_weight, d_a, d_b, None, None
+
+
+class _GateDownLora(torch.autograd.Function):
+    """`y = a·W + s·(a·A)·B` with a = gate(gate_up), saving `gate_up` (S, 2I) and recomputing `a` in
+    backward; the plain path keeps gate, act(gate) and up for the activation's own backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up, gate, weight, lora_a, lora_b, offs, scaling):
+        y, h = _lora_linear_forward(
+            gate(gate_up), weight, lora_a, lora_b, offs, scaling
+        )  # autograd is off here
+        ctx.save_for_backward(gate_up, weight, lora_a, lora_b, offs, h)
+        ctx.gate, ctx.scaling = gate, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, weight, lora_a, lora_b, offs, h = ctx.saved_tensors
+        with torch.enable_grad():
+            g = gate_up.detach().requires_grad_(True)
+            a = ctx.gate(g)
+        da, d_weight, d_a, d_b = _lora_linear_backward(
+            a.detach(), dy, weight, lora_a, lora_b, h, offs, ctx.scaling, ctx.needs_input_grad[2]
+        )
+        (d_gate_up,) = torch.autograd.grad(a, g, da.to(a.dtype))
+        return d_gate_up, None, d_weight, d_a, d_b, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading the factors from PEFT's wrappers
+
+
+@dataclass
+class _LoraTerm:
+    lora_a: torch.Tensor  # (E, in, r)
+    lora_b: torch.Tensor  # (E, r, out)
+    scaling: float
+    dropout: nn.Module
+
+
+def _lora_terms(experts: nn.Module, parameter_name: str) -> list[_LoraTerm]:
+    """The active adapters' factors for one expert parameter, in PEFT's layout (module docstring)."""
+    wrapper = getattr(experts, "_lora_param_wrappers", {}).get(parameter_name)
+    if wrapper is None or wrapper.disable_adapters or wrapper.merged:
+        return []
+    dtype = getattr(experts, parameter_name).dtype
+    terms = []
+    for adapter in wrapper.active_adapters:
+        if adapter not in wrapper.lora_A:
+            continue
+        num_experts = wrapper.num_experts
+        weight_a = wrapper.lora_A[adapter].weight  # (r·E, in), expert-major
+        weight_b = wrapper.lora_B[adapter].weight  # (out, r·E), expert-minor
+        lora_a = weight_a.view(num_experts, -1, weight_a.shape[-1]).transpose(-2, -1)  # (E, in, r)
+        lora_b = (
+            weight_b.view(weight_b.shape[0], -1, num_experts).permute(2, 1, 0).contiguous()
+        )  # (E, r, out)
+        terms.append(
+            _LoraTerm(
+                lora_a.to(dtype), lora_b.to(dtype), wrapper.scaling[adapter], wrapper.lora_dropout[adapter]
+            )
+        )
+    return terms
+
+
+def _projection(
+    rows: torch.Tensor, weight: torch.Tensor, terms: list[_LoraTerm], offs: torch.Tensor
+) -> torch.Tensor:
+    """The plain (autograd) form: rows (S, in) -> (S, out); any number of adapters, dropout included."""
+    out = _grouped(rows, weight, offs)
+    for term in terms:
+        out = out + term.scaling * _grouped(
+            _grouped(term.dropout(rows), term.lora_a, offs), term.lora_b, offs
+        )
+    return out
+
+
+def _memory_saving(terms: list[_LoraTerm]) -> bool:
+    # One adapter and no live dropout: the autograd functions above apply (dropout would need its mask saved).
+    if len(terms) != 1:
+        return False
+    dropout = terms[0].dropout
+    return isinstance(dropout, nn.Identity) or not (dropout.training and getattr(dropout, "p", 0.0) > 0)
+
+
+def lora_grouped_mm_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' grouped_mm experts forward plus each active LoRA adapter, on the routed rows only.
+
+    hidden_states (N, H), top_k_index / top_k_weights (N, k) -> (N, H). Biases (GPT-OSS) and the
+    family's own gate (`_apply_gate`: SiLU·up, GPT-OSS's clamped interleaved SwiGLU) as transformers has them.
+    """
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    gate_up_terms = _lora_terms(self, "gate_up_proj")
+    down_terms = _lora_terms(self, "down_proj")
+    if not gate_up_terms and not down_terms:  # adapters disabled or merged: the base computation
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    num_tokens, hidden_dim = hidden_states.shape
+    num_top_k = top_k_index.shape[-1]
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # S = N·k rows, grouped by expert
+    token_index = perm // num_top_k
+    counts = torch.bincount(expert_ids, minlength=self.num_experts)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+    # Weights in "rows times weight" order (E, in, out): transposed storage (GPT-OSS) already is.
+    w_gate_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(-2, -1)
+    w_down = self.down_proj if self.is_transposed else self.down_proj.transpose(-2, -1)
+
+    if _memory_saving(gate_up_terms):
+        t = gate_up_terms[0]
+        gate_up = _GateUpLora.apply(
+            hidden_states, token_index, w_gate_up, t.lora_a, t.lora_b, offs, t.scaling
+        )
+    else:
+        gate_up = _projection(hidden_states[token_index], w_gate_up, gate_up_terms, offs)
+    if self.has_bias:
+        gate_up = gate_up + self.gate_up_proj_bias[expert_ids]
+
+    if _memory_saving(down_terms):
+        t = down_terms[0]
+        out = _GateDownLora.apply(gate_up, self._apply_gate, w_down, t.lora_a, t.lora_b, offs, t.scaling)
+    else:
+        out = _projection(self._apply_gate(gate_up), w_down, down_terms, offs)
+    if self.has_bias:
+        out = out + self.down_proj_bias[expert_ids]
+
+    out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)  # (S, H); fp32 weights promote, as upstream
+    # Back to (token, slot) order, then sum the k slots: deterministic, as transformers does it.
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Switching a PEFT model onto the fast path and back
+
+
+class FastExpertsParamWrapper(ParamWrapper):
+    """PEFT's ParamWrapper that leaves the weight alone while its experts run `lora_grouped_mm`
+    (the experts read the factors themselves); under any other experts implementation it is PEFT's."""
+
+    @contextmanager
+    def _activate_lora(self, active_adapters: list[str]):
+        if fast_kernel_active(self.get_base_layer()):
+            yield
+            return
+        with super()._activate_lora(active_adapters):
+            yield
+
+
+def fast_kernel_active(experts: nn.Module) -> bool:
+    config = getattr(experts, "config", None)
+    return getattr(config, "_experts_implementation", None) == LORA_EXPERTS_IMPLEMENTATION and bool(
+        getattr(experts, "_lora_param_wrappers", None)
+    )
+
+
+def register_lora_experts() -> None:
+    """Put `lora_grouped_mm` in transformers' ExpertsInterface (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(LORA_EXPERTS_IMPLEMENTATION, lora_grouped_mm_experts_forward)
+
+
+def _expert_wrappers(peft_model: nn.Module) -> dict[nn.Module, dict[str, ParamWrapper]]:
+    """Each experts module that PEFT wrapped, with its wrappers by parameter name."""
+    found: dict[nn.Module, dict[str, ParamWrapper]] = {}
+    for module in peft_model.modules():
+        if isinstance(module, ParamWrapper):
+            found.setdefault(module.get_base_layer(), {})[module.parameter_name] = module
+    return found
+
+
+def unsupported_reason(experts: nn.Module, wrappers: dict[str, Any]) -> str | None:
+    """Why the fast kernel cannot serve this experts module, or None when it can."""
+    name = type(experts).__name__
+    if not all(hasattr(experts, a) for a in ("has_gate", "has_bias", "is_transposed", "config")):
+        return f"{name} does not use transformers' experts implementations"
+    if not experts.has_gate or getattr(experts, "has_post_expert_norm", False):
+        return f"{name} has no fused gate_up_proj or has a post-expert norm"
+    if getattr(experts, "_is_expert_parallel", False):
+        return f"{name} is expert-parallel"
+    other = sorted(set(wrappers) - set(FAST_PARAMETERS))
+    if other:
+        return f"{name}: LoRA on {', '.join(other)} (the fast kernel adapts {', '.join(FAST_PARAMETERS)})"
+    for parameter_name in wrappers:
+        dtype = getattr(experts, parameter_name).dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"{name}.{parameter_name} is {dtype}"
+    return None
+
+
+def use_fast_expert_lora(peft_model: nn.Module) -> str | None:
+    """Run every expert LoRA of `peft_model` on the fast kernel. Returns None when it does, else the
+    reason it cannot (then nothing changed and PEFT's path stays). All or nothing: the experts
+    implementation is one per model config."""
+    found = _expert_wrappers(peft_model)
+    if not found:
+        return "no expert parameter has LoRA"
+    for experts, wrappers in found.items():
+        reason = unsupported_reason(experts, wrappers)
+        if reason:
+            return reason
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    if not callable(getattr(base, "set_experts_implementation", None)):
+        return f"{type(base).__name__} cannot switch its experts implementation"
+    register_lora_experts()
+    previous = base.get_experts_implementation()
+    base.set_experts_implementation(LORA_EXPERTS_IMPLEMENTATION)
+    missed = [e for e in found if e.config._experts_implementation != LORA_EXPERTS_IMPLEMENTATION]
+    if missed:
+        base.set_experts_implementation(previous)
+        return f"{type(missed[0]).__name__} did not take the {LORA_EXPERTS_IMPLEMENTATION} implementation"
+    for experts, wrappers in found.items():
+        experts._lora_param_wrappers = dict(wrappers)  # a plain dict: not a submodule, not in state_dict
+        experts._lora_previous_implementation = previous
+        for wrapper in wrappers.values():
+            if type(wrapper) is ParamWrapper:
+                wrapper.__class__ = FastExpertsParamWrapper
+    return None
+
+
+def use_peft_expert_lora(peft_model: nn.Module) -> None:
+    """Back to PEFT's own path (the merged stack) and the experts implementation from before."""
+    found = _expert_wrappers(peft_model)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    previous = next((getattr(e, "_lora_previous_implementation", None) for e in found), None)
+    for experts, wrappers in found.items():
+        experts.__dict__.pop("_lora_param_wrappers", None)
+        experts.__dict__.pop("_lora_previous_implementation", None)
+        for wrapper in wrappers.values():
+            if type(wrapper) is FastExpertsParamWrapper:
+                wrapper.__class__ = ParamWrapper
+    if previous is not None:
+        base.set_experts_implementation(previous)
+
+
+def set_expert_lora_dropout(peft_model: nn.Module, p: float) -> int:
+    """Give every LoRA layer (attention and, on the fast path, experts) dropout `p` on its LoRA input.
+
+    The adapter config keeps `lora_dropout: 0` so plain PEFT (which refuses dropout on parameter
+    wrappers) still loads the saved adapter; dropout only acts in training. Returns how many layers got it.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+
+    count = 0
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in list(module.lora_dropout.keys()):
+                module.lora_dropout[adapter] = nn.Dropout(p) if p > 0 else nn.Identity()
+                count += 1
+    return count
