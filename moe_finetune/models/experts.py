@@ -25,6 +25,10 @@ read expert-minor: `.view(out, r, E)`, column `j·E + e` is rank j of expert e.
 LoRA dropout (PEFT refuses it on parameter wrappers): the fast path applies the wrapper's
 `lora_dropout[adapter]` module to each routed row's input of the LoRA term only, `s·B·A·dropout(x)`,
 independently per (token, expert) pair, the way `lora.Linear` applies it to a token's input.
+
+Why one file of ~430 lines: the forward, its two memory-saving autograd functions and the switch that
+keeps PEFT's wrapper from merging are one mechanism, and the equality with PEFT's path depends on all
+three agreeing on PEFT's factor layout.
 """
 
 from __future__ import annotations
