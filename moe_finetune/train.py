@@ -35,7 +35,6 @@ from moe_finetune.rundir import (
     REPORT_FILE,
     RESOLVED_RECIPE_FILE,
     checkpoint_steps,
-    read_jsonl,
 )
 from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
@@ -308,7 +307,7 @@ def run(
     echo: Echo = print,
 ) -> RunResult:
     """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
-    from moe_finetune.callbacks.collapse_report import checkpoint_before_trouble
+    from moe_finetune.callbacks.collapse_report import checkpoint_before_trouble, run_events
     from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.interrupt import InterruptCallback
     from moe_finetune.callbacks.monitor import RoutingMonitor
@@ -353,7 +352,7 @@ def run(
     rerun = continue_command(recipe, output_dir)
     guard = next((c for c in callbacks if isinstance(c, EntropyGuard)), None)
     if guard is not None and guard.halted is not None:
-        earlier = checkpoint_before_trouble(output_dir, list(read_jsonl(output_dir / EVENTS_FILE)) or guard.events)
+        earlier = checkpoint_before_trouble(output_dir, run_events(output_dir, guard))
         where = f"--resume {earlier}" if earlier is not None else "--resume"
         raise TrainingHalted(
             f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "

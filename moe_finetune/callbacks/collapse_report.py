@@ -14,6 +14,12 @@ from typing import Any
 from moe_finetune.rundir import EVENTS_FILE, KEPT_CHECKPOINT_DIR, REPORT_FILE, checkpoint_steps, read_jsonl
 
 
+def run_events(output_dir: Path, guard: Any) -> list[dict[str, Any]]:
+    """The whole run's guard events (guard_events.jsonl; a resumed run's guard only saw its own
+    attempt's), or this attempt's when the file is not here (another rank, no output dir yet)."""
+    return list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
+
+
 def checkpoint_before_trouble(output_dir: Path, events: list[dict[str, Any]]) -> Path | None:
     """The latest checkpoint saved before the guard's first cut or halt: the place to resume from.
 
@@ -42,8 +48,7 @@ def _fmt(value: Any, spec: str = ".3f") -> str:
 
 def write_collapse_report(output_dir: Path, guard: Any) -> Path:
     """`collapse_report.md`: what happened, in which layers, with the numbers, and how to go on."""
-    # The whole run's events (a resumed run's guard only saw its own attempt's), this attempt's otherwise.
-    events = list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
+    events = run_events(output_dir, guard)
     halt = guard.events[-1] if guard.events and guard.events[-1]["action"] == "halt" else None
     step = guard.halt_step
     lines = [

@@ -298,22 +298,24 @@ class EntropyGuard(TrainerCallback, ExportableState):
         if self.kept_checkpoint is not None or self._keep_at_save is not None or self.output_dir is None:
             return
         if self._last_saved_step is not None and self._last_saved_step < step:
-            name = f"checkpoint-{self._last_saved_step}"
-            self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / name
-            if self.is_main and (self.output_dir / name).is_dir():
-                keep_out_of_rotation(self.output_dir / name, self.output_dir)
+            self._keep(self._last_saved_step)
             return
         if kind == "cut_lr":
             control.should_save = True
             self._keep_at_save = step
 
+    def _keep(self, saved_step: int) -> None:
+        """Every rank records where the kept copy is; the main process makes it (when the original is here)."""
+        assert self.output_dir is not None
+        name = f"checkpoint-{saved_step}"
+        self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / name
+        if self.is_main and (self.output_dir / name).is_dir():
+            keep_out_of_rotation(self.output_dir / name, self.output_dir)
+
     def on_save(self, args, state, control, **kwargs):
         self._last_saved_step = int(state.global_step)
         if self._keep_at_save is not None and state.global_step == self._keep_at_save and self.output_dir is not None:
-            checkpoint = self.output_dir / f"checkpoint-{self._keep_at_save}"
-            self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
-            if self.is_main and checkpoint.is_dir():
-                keep_out_of_rotation(checkpoint, self.output_dir)
+            self._keep(self._keep_at_save)
             self._keep_at_save = None
         return control
 

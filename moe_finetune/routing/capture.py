@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from moe_finetune.errors import UnknownFamilyError
-from moe_finetune.models.families import family_for_model, find_routers, unwrap_model
+from moe_finetune.models.families import FamilySpec, family_for_model, find_routers, unwrap_model
 from moe_finetune.routing.metrics import (
     RoutingMetrics,
     RoutingSums,
@@ -280,12 +280,7 @@ class RoutingCapture:
         if is_recompute():
             return
         self._keep_on = {}
-        mask = kwargs.get("attention_mask")
-        length = input_length(kwargs, args)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and length is not None:
-            self._keep = mask[:, -length:].reshape(-1).bool()  # (B*T,), row-major like the routers' rows
-        else:
-            self._keep = None  # no mask, a 4-D custom mask, or packed position_ids: every row is real
+        self._keep = real_rows(kwargs, args)
 
     def _on_backbone_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._keep = None
@@ -310,16 +305,9 @@ class RoutingCapture:
         return hook
 
     def _read_output(self, output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, E) float32 logits and (N, k) chosen experts from the router's own output."""
-        if not isinstance(output, (tuple, list)):
-            raise UnknownFamilyError(
-                f"router of family {self.family.name} returned {type(output).__name__}, not the tuple "
-                f"(logits, weights, indices) its FamilySpec describes"
-            )
-        logits = output[self.family.logits_index].detach()
-        logits = logits.reshape(-1, logits.shape[-1]).float()
-        chosen = output[self.family.topk_index].detach().reshape(logits.shape[0], -1)
-        return logits, chosen
+        """(N, E) float32 logits, detached, and (N, k) chosen experts from the router's own output."""
+        logits, chosen = read_router_output(output, self.family)
+        return logits.detach().float(), chosen
 
     def _row_mask(self, rows: int, device: torch.device) -> torch.Tensor | None:
         keep = self._keep
@@ -384,6 +372,38 @@ class RoutingCapture:
         sums.entropy_sum[layer].add_(entropy_sum)
         sums.z_sum[layer].add_(z_sum)
         sums.overflow[layer].add_(overflow)
+
+
+def read_router_output(output: Any, family: FamilySpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, E) router logits as returned (gradient kept) and (N, k) chosen experts (detached).
+
+    The chosen experts are the router's own, never recomputed (DeepSeek-V3 chooses with a correction
+    bias inside expert groups). Shared by the capture and the per-layer loss, so both read a router
+    the same way.
+    """
+    if not isinstance(output, (tuple, list)):
+        raise UnknownFamilyError(
+            f"router of family {family.name} returned {type(output).__name__}, not the tuple "
+            f"(logits, weights, indices) its FamilySpec describes"
+        )
+    logits = output[family.logits_index]
+    logits = logits.reshape(-1, logits.shape[-1])
+    chosen = output[family.topk_index].detach().reshape(logits.shape[0], -1)
+    return logits, chosen
+
+
+def real_rows(kwargs: Mapping[str, Any], args: tuple = ()) -> torch.Tensor | None:
+    """(B*T,) bool of a backbone forward's non-padding rows, row-major as the routers see them.
+
+    `attention_mask[:, -T:]` flattened, the rule transformers' `load_balancing_loss_func` uses (`-T:`
+    matters when decoding with a cache). None when every row is real: no mask, a 4-D custom mask, or
+    packed position_ids.
+    """
+    mask = kwargs.get("attention_mask")
+    length = input_length(kwargs, args)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and length is not None:
+        return mask[:, -length:].reshape(-1).bool()
+    return None
 
 
 def input_length(kwargs: Mapping[str, Any], args: tuple) -> int | None:

@@ -46,7 +46,13 @@ from torch import nn
 
 from moe_finetune.errors import UnknownFamilyError
 from moe_finetune.models.families import family_for_model, find_routers, unwrap_model
-from moe_finetune.routing.capture import find_backbone, input_length, is_recompute, routing_scores
+from moe_finetune.routing.capture import (
+    find_backbone,
+    is_recompute,
+    read_router_output,
+    real_rows,
+    routing_scores,
+)
 
 # ------------------------------------------------------------------------------------------------
 # the loss, as pure functions
@@ -199,12 +205,7 @@ class RouterLogitsTap:
     def _on_backbone_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if is_recompute():
             return
-        mask = kwargs.get("attention_mask")
-        length = input_length(kwargs, args)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and length is not None:
-            self._keep = mask[:, -length:].reshape(-1).bool()  # (B*T,), row-major like the routers' rows
-        else:
-            self._keep = None  # no mask, a 4-D mask, or packed position_ids: every row is real
+        self._keep = real_rows(kwargs, args)
         if not self._collecting:
             self._forwards = []
         self._forwards.append({})
@@ -213,14 +214,7 @@ class RouterLogitsTap:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if is_recompute():
                 return  # gradient checkpointing re-running the forward inside backward
-            if not isinstance(output, (tuple, list)):
-                raise UnknownFamilyError(
-                    f"router of family {self.family.name} returned {type(output).__name__}, not the tuple "
-                    "(logits, weights, indices) its FamilySpec describes"
-                )
-            logits = output[self.family.logits_index]
-            logits = logits.reshape(-1, logits.shape[-1])
-            chosen = output[self.family.topk_index].detach().reshape(logits.shape[0], -1)
+            logits, chosen = read_router_output(output, self.family)  # logits keep their gradient
             keep = self._keep if self._keep is not None and self._keep.numel() == logits.shape[0] else None
             if not self._forwards:  # a router called outside the backbone (a unit test, a custom loop)
                 self._forwards.append({})

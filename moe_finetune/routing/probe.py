@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moe_finetune.routing.capture import RoutingCapture, input_length
+from moe_finetune.routing.capture import RoutingCapture, real_rows
 from moe_finetune.routing.metrics import js_divergence, load_share, topk_set_change
 
 # Keyword arguments of a backbone forward that the probe passes on (labels would only add a loss).
@@ -113,14 +113,8 @@ def probe_routing(
 
 def _real_rows(rows: int, inputs: Mapping[str, Any]) -> torch.Tensor | None:
     """(N,) bool of the probe's non-padding rows, flattened as the routers see them; None = all real."""
-    mask = inputs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
-    length = input_length(inputs, ())
-    if length is None:
-        return None
-    keep = mask[:, -length:].reshape(-1).bool()
-    return keep if keep.numel() == rows else None
+    keep = real_rows(inputs)
+    return keep if keep is not None and keep.numel() == rows else None
 
 
 def take_probe_batch(dataloader: Any, size: int) -> dict[str, torch.Tensor] | None:
