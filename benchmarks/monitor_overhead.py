@@ -209,7 +209,7 @@ def instrument_monitor() -> dict[str, float]:
 
     timed(RoutingCapture, "_accumulate", "hooks")
     timed(RoutingCapture, "_on_backbone_start", "hooks")
-    timed(RoutingMonitor, "collect", "collect")
+    timed(RoutingMonitor, "close_window", "collect")
     # each block starts a new run, whose first logging step measures drift: reported apart, amortised
     timed(RoutingMonitor, "_measure_drift", "drift")
     return spent
