@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -53,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"done: {result.global_step} steps in {result.seconds:.1f} s, train loss {loss}; "
         f"adapter saved to {result.adapter_dir}"
     )
+    print(f"to serve it as a plain transformers model: moe-finetune merge {shlex.quote(str(result.output_dir))}")
     return 0
 
 
@@ -104,6 +106,48 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from moe_finetune.report import write_report
+
+    report = write_report(args.run_dir, compare=args.compare)
+    print(report.verdict.line.replace("**", ""))
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"report: {report.path} ({len(report.figures)} plots beside it)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from moe_finetune.merge import DEFAULT_SHARD_SIZE, merge_adapter
+
+    merge_adapter(
+        args.source,
+        args.output,
+        dtype=args.dtype,
+        base=args.base,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size or DEFAULT_SHARD_SIZE,
+        echo=print,
+    )
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moe_finetune.generate import read_prompt, run_generate
+
+    prompt = read_prompt(args.prompt, args.prompt_file)
+    run_generate(
+        args.source,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        routing=args.routing,
+        plain=args.plain,
+        base=args.base,
+        echo=print,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-finetune",
@@ -152,6 +196,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     smoke.add_argument("--steps", type=int, default=8, help="training steps (default 8)")
     smoke.set_defaults(func=cmd_smoke)
+
+    report = sub.add_parser(
+        "report", help="write RUN_DIR/report.md and PNG plots of a run's routing (train writes it too)"
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="the output directory of a run")
+    report.add_argument(
+        "--compare",
+        metavar="OTHER_RUN",
+        help="put another run beside it (e.g. the same recipe with the guard off)",
+    )
+    report.set_defaults(func=cmd_report)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge a run's adapter into its base and write a plain transformers model (checked against the "
+        "adapter first)",
+    )
+    merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
+    merge.add_argument("--output", help="where to write the model (default: RUN_DIR/merged)")
+    merge.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        help="dtype of the merged weights (default: the base checkpoint's own)",
+    )
+    merge.add_argument("--base", metavar="MODEL", help="the base model, if not the one the adapter names")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
+    merge.add_argument(
+        "--max-shard-size", help="largest safetensors shard, e.g. 5GB (default 2GB; the save holds one at a time)"
+    )
+    merge.set_defaults(func=cmd_merge)
+
+    generate = sub.add_parser(
+        "generate", help="answer a prompt with a run's adapter or a merged model (and show the experts it used)"
+    )
+    generate.add_argument(
+        "source", metavar="RUN_DIR_OR_MODEL", help="a run directory, an adapter folder or a model folder"
+    )
+    generate.add_argument("--prompt", help="the prompt text")
+    generate.add_argument("--prompt-file", metavar="FILE", help="read the prompt from a file (its whole text)")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens (default 64)")
+    generate.add_argument(
+        "--routing", action="store_true", help="print which experts the answer's tokens went to, per layer"
+    )
+    generate.add_argument(
+        "--plain", action="store_true", help="send the prompt as is, without the chat template"
+    )
+    generate.add_argument("--base", metavar="MODEL", help="the base model, if not the one the adapter names")
+    generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser(
         "inspect", help="parameters (total, experts, active per token), memory estimates, LoRA size"

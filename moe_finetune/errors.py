@@ -35,6 +35,13 @@ class OutputDirError(RecipeError):
     """An existing non-empty output directory without --overwrite (exit 2)."""
 
 
+class MergeCheckError(MoeFinetuneError):
+    """The merged model does not reproduce the adapted one on the probe batch (exit 1: a bug in merging,
+    not in the user's input). The message gives the numbers; nothing was written."""
+
+    exit_code = 1
+
+
 class DatasetTooSmallError(MoeFinetuneError):
     """Fewer training examples than the threshold (exit 3). Raised before any model is loaded."""
 

@@ -31,7 +31,9 @@ Memory to hold the weights is given two ways, because they differ by a factor of
   `nn.Parameter`s, routers, embeddings, norms and biases stay in bf16 (fp32 where the model keeps
   them in fp32, e.g. DeepSeek-V2's router). For Mixtral 8x7B that is ~96% of the weights unquantized.
 * "experts quantized too": the same, plus every routed-expert weight matrix quantized as if it
-  were a Linear (what a custom 4-bit expert kernel would store). Embeddings and lm_head stay bf16.
+  were a Linear: what `model.quantization.bits: 4` really loads (models/quant4.py packs the fused
+  experts with bitsandbytes' own 4-bit format; tests/test_expert_4bit.py checks this figure against a
+  real load of a mid-size model). Embeddings and lm_head stay bf16.
 
 Bytes per quantized weight (bitsandbytes storage; per-tensor constants under 1 KiB are ignored):
 

@@ -401,9 +401,10 @@ def recipe_warnings(recipe: Recipe) -> list[str]:
             f"guards.min_lr {recipe.guards.min_lr:g} is not below training.learning_rate {lr:g}: the guard can never "
             "cut the learning rate, so the first collapse it sees halts training"
         )
-    if recipe.model.quantization is not None:
+    if recipe.model.quantization is not None and not recipe.model.quantization.quantize_experts:
         warnings.append(
-            "model.quantization: bitsandbytes quantizes nn.Linear only; fused experts (most of an MoE's weights) "
-            "stay in full precision, so memory shrinks far less than the bit width suggests"
+            "model.quantization: without experts quantized, bitsandbytes quantizes nn.Linear only; fused experts "
+            "(most of an MoE's weights) stay in full precision, so memory shrinks far less than the bit width "
+            "suggests (model.quantization.experts: true, in 4-bit, quantizes them too)"
         )
     return warnings

@@ -19,7 +19,9 @@ RESOLVED_RECIPE_FILE = "recipe.resolved.yaml"
 ROUTING_FILE = "routing.jsonl"
 ROUTING_PROBE_FILE = "routing_probe.pt"  # the drift probe's routing at the start of the run
 EVENTS_FILE = "guard_events.jsonl"
-REPORT_FILE = "collapse_report.md"
+REPORT_FILE = "report.md"  # the run report (moe_finetune/report.py), its PNG plots beside it
+# What `train` knew of the run (recipe file, dataset size, planned steps, how it ended): the report reads it.
+RUN_SUMMARY_FILE = "run_summary.json"
 ADAPTER_DIR = "adapter"
 # The last checkpoint before the guard first acted, kept out of the Trainer's save_total_limit rotation.
 KEPT_CHECKPOINT_DIR = "last-healthy"
@@ -43,18 +45,25 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(json_safe(record)) + "\n")
 
 
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSON Lines file; a line that is not a whole JSON object (a crash mid-write) is skipped."""
+def read_jsonl(path: Path, skipped: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The records of a JSON Lines file; a line that is not a whole JSON object (a crash mid-write) is
+    skipped.
+
+    `skipped`, when given, collects the (1-based) numbers of the skipped lines, so a reader that must
+    say what it could not read (the run report) can; blank lines are not records and not counted.
+    """
     if not path.is_file():
         return
     with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                record = None
             if isinstance(record, dict):
                 yield record
+            elif skipped is not None and line.strip():
+                skipped.append(number)
 
 
 def keep_records_up_to(path: Path, step: int) -> None:

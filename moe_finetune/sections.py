@@ -27,12 +27,34 @@ class Section(BaseModel):
 
 class QuantizationSection(Section):
     """bitsandbytes quantization through `quantization_config` (the `load_in_4bit` kwarg is gone in
-    transformers 5). Note: it quantizes nn.Linear only; fused experts stay in full precision."""
+    transformers 5). bitsandbytes alone quantizes nn.Linear only; in 4-bit the fused experts (most of an
+    MoE model) are quantized too unless `experts: false` (models/quant4.py)."""
 
     bits: Literal[4, 8] = Field(4, description="4 (QLoRA, NF4/FP4) or 8 (LLM.int8)")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="matmul dtype")
     double_quant: bool = Field(True, description="quantize the quantization constants too")
+    experts: bool | None = Field(
+        None,
+        description="quantize the fused experts too (4-bit only; default true in 4-bit); false = nn.Linear only, "
+        "as transformers + bitsandbytes do it",
+    )
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="values per quantization block of the fused experts (bitsandbytes' own default: 64)"
+    )
+
+    @model_validator(mode="after")
+    def _experts_need_4bit(self) -> QuantizationSection:
+        if self.bits == 8 and self.experts:
+            raise ValueError(
+                "experts: true needs bits: 4 (the fused experts are quantized in 4-bit only; 8-bit quantizes "
+                "nn.Linear modules only)"
+            )
+        return self
+
+    @property
+    def quantize_experts(self) -> bool:
+        return self.bits == 4 and self.experts is not False
 
 
 class ModelSection(Section):
@@ -96,7 +118,7 @@ class LoraSection(Section):
         None, description="expert parameter names to adapt; None = the family's fused expert parameters"
     )
     expert_kernel: Literal["fast", "peft"] = Field(
-        "peft",
+        "fast",
         description="how expert LoRA runs: fast = on the routed tokens (grouped matmuls, no merged W + s*B*A "
         "stack; families it cannot serve fall back to peft and the coverage line says so); peft = PEFT's "
         "ParamWrapper (merges the whole stack every forward)",

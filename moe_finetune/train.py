@@ -35,6 +35,7 @@ from moe_finetune.rundir import (
     REPORT_FILE,
     RESOLVED_RECIPE_FILE,
     checkpoint_steps,
+    read_jsonl,
 )
 from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
@@ -203,6 +204,10 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     is_main = trainer.is_world_process_zero()
     say: Echo = echo if is_main else (lambda _line: None)
     say(banner(recipe, family, model, data, args))
+    if recipe.model.quantization is not None:
+        from moe_finetune.models.quant4 import footprint, format_footprint
+
+        say(format_footprint(footprint(trainer.model)))  # what is really quantized, counted after the load
     say(adapted.line())
     if recipe.model.aux_loss == "per_layer":
         # takes TRL's resolved coefficient over and switches TRL's pooled term off (counted once)
@@ -298,6 +303,42 @@ def start_run_directory(trainer: Any, recipe: Recipe, output_dir: Path, *, clear
     trainer.accelerator.wait_for_everyone()
 
 
+def run_summary(trainer: Any, recipe: Recipe, output_dir: Path) -> dict[str, Any]:
+    """What this run is, for run_summary.json and the report: written before the first step, so a run killed
+    later (SIGKILL, a lost node) still says which recipe and how much data it had."""
+    max_steps = int(trainer.args.max_steps)
+    return {
+        "status": "running",
+        "recipe": recipe.source,
+        "name": recipe.name,
+        "model": recipe.model.name,
+        "dataset": str(recipe.resolve_path(recipe.data.path)),
+        "train_examples": count_examples(trainer.train_dataset),
+        "eval_examples": count_examples(trainer.eval_dataset),
+        "max_steps": max_steps if max_steps > 0 else None,
+        "resume_command": continue_command(recipe, output_dir, drop=("training.learning_rate",)),
+    }
+
+
+def write_run_report(trainer: Any, output_dir: Path, summary: dict[str, Any], echo: Echo, **end: Any) -> None:
+    """At every end of a run that trained (finished, halted, interrupted): run_summary.json with how it
+    ended, then report.md and its plots; main process only. A report that cannot be drawn is said loudly
+    and never hides how the run ended (the exit code and message stay the run's)."""
+    if not trainer.is_world_process_zero():
+        return
+    from moe_finetune.report import write_report, write_run_summary
+
+    summary.update(end, step=int(trainer.state.global_step), max_steps=int(trainer.state.max_steps) or None)
+    try:
+        write_run_summary(output_dir, summary)
+        report = write_report(output_dir)
+    except Exception as err:  # noqa: BLE001 - the run's outcome matters more than its plots
+        problem = f"{type(err).__name__}: {err}"
+        echo(f"warning: the run report was not written ({problem}); retry: moe-finetune report {output_dir}")
+        return
+    echo(f"report: {report.path} ({len(report.figures)} plots)")
+
+
 def run(
     recipe: Recipe,
     *,
@@ -307,10 +348,11 @@ def run(
     echo: Echo = print,
 ) -> RunResult:
     """Run a recipe end to end and return what happened (TrainingHalted / TrainingInterrupted otherwise)."""
-    from moe_finetune.callbacks.collapse_report import checkpoint_before_trouble, run_events
+    from moe_finetune.callbacks.console import use_routing_console
     from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.interrupt import InterruptCallback
     from moe_finetune.callbacks.monitor import RoutingMonitor
+    from moe_finetune.report import trouble_checkpoint
 
     start = time.perf_counter()
     output_dir = Path(recipe.output_dir or "runs/run")
@@ -324,8 +366,18 @@ def run(
     trainer, cleared = None, False
     try:
         trainer = build_trainer(recipe, allow_small_dataset=allow_small_dataset, echo=echo)
+        console = use_routing_console(trainer, echo)  # one routing line per logging step, not HF's raw dict
+        for guard in (c for c in trainer.callback_handler.callbacks if isinstance(c, EntropyGuard)):
+            guard.report_on_halt = False  # the report is written below, at every end of the run
+            if guard.echo is not None and trainer.is_world_process_zero():
+                guard.echo = console.write  # its lines above the progress bar, not through it
         start_run_directory(trainer, recipe, output_dir, clear=overwrite and not resume)
         cleared = overwrite and not resume
+        summary = run_summary(trainer, recipe, output_dir)
+        if trainer.is_world_process_zero():
+            from moe_finetune.report import write_run_summary
+
+            write_run_summary(output_dir, summary)
         interrupt = InterruptCallback()
         trainer.add_callback(interrupt)
         interrupt.install()
@@ -351,8 +403,12 @@ def run(
         echo(monitor.format_table())
     rerun = continue_command(recipe, output_dir)
     guard = next((c for c in callbacks if isinstance(c, EntropyGuard)), None)
+    seconds = round(time.perf_counter() - start, 1)
     if guard is not None and guard.halted is not None:
-        earlier = checkpoint_before_trouble(output_dir, run_events(output_dir, guard))
+        write_run_report(trainer, output_dir, summary, echo, status="halted", seconds=seconds)
+        # the whole run's events (a resumed run's guard saw only its own attempt's), or this attempt's
+        events = list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
+        earlier = trouble_checkpoint(output_dir, events)
         where = f"--resume {earlier}" if earlier is not None else "--resume"
         raise TrainingHalted(
             f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
@@ -362,6 +418,7 @@ def run(
             "--set training.learning_rate=LOWER"
         )
     if interrupt.stopped_at is not None:
+        write_run_report(trainer, output_dir, summary, echo, status="interrupted", seconds=seconds)
         raise TrainingInterrupted(
             f"interrupted at step {interrupt.stopped_at}: checkpoint saved to "
             f"{output_dir / f'checkpoint-{interrupt.stopped_at}'}. To continue: {rerun} --resume"
@@ -369,6 +426,8 @@ def run(
 
     adapter_dir = output_dir / ADAPTER_DIR
     save_adapter(trainer, adapter_dir)
+    end = {"status": "finished", "seconds": seconds, "train_loss": result.training_loss}
+    write_run_report(trainer, output_dir, summary, echo, **end)
     return RunResult(
         output_dir=output_dir,
         adapter_dir=adapter_dir,

@@ -66,8 +66,10 @@ def test_collapsing_load_is_cut_then_halted_with_checkpoint_report_and_a_kept_he
     assert halt["details"]["check"] == "balance_drop"  # the load concentrating, not a confident router
     assert "its load is concentrating on few experts" in halt["reason"]
     assert (run / f"checkpoint-{halt['step']}").is_dir()
-    report = (run / "collapse_report.md").read_text()
-    assert f"**Step:** {halt['step']}" in report and "| layer |" in report
+    report = (run / "report.md").read_text()  # one report: the halt is its verdict and its own section
+    assert report.startswith(f"**Halted at step {halt['step']}**") and "| layer |" in report
+    assert f"## Halted at step {halt['step']}" in report and (run / "load_share.png").is_file()
+    assert not (run / "collapse_report.md").exists()
     assert "[guard]" in out and "CUT LR" in out and "HALT" in out
     assert _routing(run)[-1]["step"] == halt["step"]
     assert not (run / "adapter").exists()  # a halted run leaves checkpoints, not a "final" adapter

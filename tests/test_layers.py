@@ -35,6 +35,19 @@ def test_the_guard_policy_and_the_metrics_import_without_transformers_or_any_tra
     assert done.stdout.strip() == "none"
 
 
+def test_the_report_module_imports_without_torch_transformers_or_matplotlib():
+    """`moe-finetune report` must start fast, and the guard imports it on its halt path: matplotlib only
+    when a figure is drawn, torch and transformers never."""
+    code = (
+        "import sys\n"
+        "import moe_finetune.report\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 # Lower layers never import higher ones (DESIGN.md: cli -> train -> callbacks -> routing -> models ->
 # sections, errors). Each entry: a package part and the parts it must not import.
 _FORBIDDEN = {
@@ -44,8 +57,16 @@ _FORBIDDEN = {
     "models": {"recipe", "routing", "callbacks", "train", "cli", "data", "validate", "inspect"},
     "routing": {"recipe", "callbacks", "train", "cli", "data", "validate", "inspect"},
     "callbacks": {"recipe", "train", "cli", "validate", "inspect", "smoke"},
+    # the report reads run directories only: below callbacks (the guard's halt writes it), above rundir
+    "report": {"recipe", "models", "routing", "callbacks", "train", "cli", "data", "validate", "inspect", "smoke"},
+    "report_plots": {"recipe", "models", "routing", "callbacks", "train", "cli", "data", "validate", "inspect", "smoke"},
     "data": {"recipe", "models", "routing", "train", "cli"},
 }
+# merge and generate sit beside train: below cli, above callbacks, routing and models; nothing below imports them
+for _lower in ("errors", "sections", "rundir", "models", "routing", "callbacks", "data", "report", "report_plots"):
+    _FORBIDDEN.setdefault(_lower, set()).update({"merge", "generate"})
+_FORBIDDEN["merge"] = {"cli", "train", "callbacks", "generate"}
+_FORBIDDEN["generate"] = {"cli", "train", "callbacks"}
 
 
 def _imported_parts(path: Path) -> set[str]:

@@ -137,9 +137,8 @@ def test_real_recipe_follows_the_field_defaults(path: Path):
     assert recipe.data.min_examples >= 10_000
     assert recipe.data.path == "../data/instructions.jsonl.gz"
     assert recipe.output_dir == f"runs/{path.stem}"
-    # The only departure validate may point out is the QLoRA recipe's note on what 4-bit does to experts.
-    warnings = recipe_warnings(recipe)
-    assert all(w.startswith("model.quantization:") for w in warnings), warnings
+    # validate finds nothing to point out (the QLoRA recipe quantizes its experts too)
+    assert recipe_warnings(recipe) == []
 
 
 def test_qlora_recipe_quantizes_through_quantization_config():
@@ -154,15 +153,20 @@ def test_qlora_recipe_quantizes_through_quantization_config():
         "quant_type": "nf4",
         "compute_dtype": "bfloat16",
         "double_quant": True,
+        "experts": True,
     }
     quantization = load_recipe(path).model.quantization
-    assert quantization is not None and quantization.bits == 4
-    # The header tells the truth about fused experts, with the figure as transformers + bnb really loads it.
+    assert quantization is not None and quantization.bits == 4 and quantization.quantize_experts
+    assert load_recipe(path).lora.expert_kernel == "fast"
+    # The header tells the truth about fused experts: what it loads (experts quantized) and what
+    # transformers + bnb alone would have loaded.
     header = _header(path)
     report = _inspect(path)
     assert "bf16" in header and "folklore" in header
     assert _fmt_gib(_memory(report, "nf4_double_quant").transformers_bnb_bytes) in header
-    assert _fmt_gib(_memory(report, "nf4_double_quant").experts_quantized_bytes) in header
+    loaded = _fmt_gib(_memory(report, "nf4_double_quant").experts_quantized_bytes)
+    assert re.search(rf"{re.escape(loaded)}\s+<- what this recipe loads", header)
+    assert _memory(report, "nf4_double_quant").experts_quantized_bytes / 1e9 <= 27  # "fits ~26 GB", now true
 
 
 @pytest.mark.parametrize("path", REAL_RECIPES, ids=_ids(REAL_RECIPES))

@@ -5,7 +5,8 @@ The policy (`routing/policy.py`) decides from numbers alone; this adapter only a
 - a cut multiplies the optimizer's learning rate *and* the scheduler's reference rates by the factor
   (`callbacks/lr.py`), so the schedule continues with the same shape, scaled; the scheduler state
   saved in each checkpoint carries it;
-- a halt asks the Trainer to save a checkpoint at this step and stop, and writes `collapse_report.md`;
+- a halt asks the Trainer to save a checkpoint at this step and stop, and writes the run report
+  (`report.md` and its plots, moe_finetune/report.py: what happened, in which layers, where to resume);
   `moe-finetune train` then exits with code 4;
 - when the guard first acts, the last checkpoint saved before that step is copied out of the
   Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run always has a
@@ -30,7 +31,6 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from moe_finetune.callbacks.collapse_report import write_collapse_report
 from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, peak_learning_rate, scale_learning_rate
 from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot, load_limit_problem
 from moe_finetune.rundir import (
@@ -97,6 +97,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
     Needs routing metrics at each logging step: give it the RoutingMonitor it should read
     (`attach(trainer, monitor, guard)` does), or let it find the monitor running on the same model
     (in either order of `callbacks=[...]`); with no monitor at all it runs one of its own.
+    After a halt it writes the run report into the output directory (`report_on_halt`; `moe-finetune
+    train` turns it off because it writes the report itself at every end of a run).
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
         monitor: Any | None = None,
         output_dir: str | Path | None = None,
         echo: Callable[[str], None] | None = print,
+        report_on_halt: bool = True,
     ) -> None:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig(**(config or {}))
         self.policy = GuardPolicy(self.config)
@@ -113,6 +116,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._output_dir_given = output_dir is not None  # else each train() writes to its args.output_dir
         self.echo = echo
+        self.report_on_halt = report_on_halt
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.is_main = True
@@ -330,8 +334,14 @@ class EntropyGuard(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kwargs):
         if self._owns_monitor:
             self.monitor.on_train_end(args, state, control, **kwargs)
-        if self.halted is not None and self.is_main and self.output_dir is not None:
-            write_collapse_report(self.output_dir, self)
+        if self.halted is not None and self.is_main and self.output_dir is not None and self.report_on_halt:
+            from moe_finetune.report import write_report
+
+            try:
+                write_report(self.output_dir)
+            except Exception as err:  # noqa: BLE001 - the halt and its checkpoint matter more than plots
+                problem = f"{type(err).__name__}: {err}"
+                warnings.warn(f"EntropyGuard: the run report was not written ({problem})", stacklevel=2)
         return control
 
     def pop_log(self) -> dict[str, float]:

@@ -41,6 +41,8 @@ import torch
 from peft.tuners.lora.layer import ParamWrapper
 from torch import nn
 
+from moe_finetune.models.quant4 import PackedExperts, compute_dtype, is_packed, packed_spec, rows_times_weight
+
 LORA_EXPERTS_IMPLEMENTATION = "lora_grouped_mm"
 FAST_PARAMETERS = ("gate_up_proj", "down_proj")
 
@@ -61,10 +63,12 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def _grouped(a: torch.Tensor, b: torch.Tensor | PackedExperts, offs: torch.Tensor) -> torch.Tensor:
     """Rows of `a` (S, K) times their expert's `b[e]` (E, K, N) -> (S, N). Differentiable."""
     # Cast the rows, never the stack (autocast may hand fp32 rows to bf16 experts), as transformers does.
     a = a.to(b.dtype)
+    if isinstance(b, PackedExperts):
+        return _PackedMatmul.apply(a, offs, b)
     if a.device.type != "cpu" or _aligned(a, b):
         try:
             return torch.nn.functional.grouped_mm(a, b, offs=offs)
@@ -75,6 +79,32 @@ def _grouped(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tens
         out.append(a[start:end] @ b[e])
         start = end
     return torch.cat(out) if out else a.new_zeros(0, b.shape[-1])
+
+
+def _packed_rows(a: torch.Tensor, b: PackedExperts, offs: torch.Tensor) -> torch.Tensor:
+    """Rows of `a` times their expert's dequantized weight, one expert at a time (each a transient tensor)."""
+    out = a.new_empty(a.shape[0], b.shape[-1], dtype=b.dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # one host sync for all experts
+        if end > start:
+            torch.mm(a[start:end], b[e], out=out[start:end])
+        start = end
+    return out
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """`_grouped` over a 4-bit stack: the weight is dequantized again in backward, never saved for it."""
+
+    @staticmethod
+    def forward(ctx, a, offs, packed):
+        ctx.packed = packed
+        ctx.save_for_backward(offs)
+        return _packed_rows(a, packed, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (offs,) = ctx.saved_tensors
+        return _packed_rows(dy.to(ctx.packed.dtype), ctx.packed.transpose(-2, -1), offs), None, None
 
 
 def _grouped_outer(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -150,6 +180,11 @@ def _lora_linear_backward(x, dy, weight, lora_a, lora_b, h, offs, s, need_weight
     return dx, d_weight, d_a, d_b.mul_(s)
 
 
+def _saved(weight: torch.Tensor | PackedExperts) -> torch.Tensor | None:
+    # A packed stack is kept on ctx (it holds the module, not a tensor of its own): nothing full-size is saved.
+    return None if isinstance(weight, PackedExperts) else weight
+
+
 class _GateUpLora(torch.autograd.Function):
     """`y = x·W + s·(x·A)·B` with x = hidden[token_index], saving `hidden` (N, H) instead of x (S, H).
 
@@ -159,13 +194,15 @@ class _GateUpLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, token_index, weight, lora_a, lora_b, offs, scaling):
         y, h = _lora_linear_forward(hidden[token_index], weight, lora_a, lora_b, offs, scaling)
-        ctx.save_for_backward(hidden, token_index, weight, lora_a, lora_b, offs, h)
+        ctx.packed = weight if isinstance(weight, PackedExperts) else None
+        ctx.save_for_backward(hidden, token_index, _saved(weight), lora_a, lora_b, offs, h)
         ctx.scaling = scaling
         return y
 
     @staticmethod
     def backward(ctx, dy):
         hidden, token_index, weight, lora_a, lora_b, offs, h = ctx.saved_tensors
+        weight = ctx.packed or weight
         x = hidden[token_index]  # re-gathered: (S, in) is k times the (N, in) we kept
         dx, d_weight, d_a, d_b = _lora_linear_backward(
             x, dy, weight, lora_a, lora_b, h, offs, ctx.scaling, ctx.needs_input_grad[2]
@@ -185,13 +222,15 @@ class _GateDownLora(torch.autograd.Function):
         y, h = _lora_linear_forward(
             gate(gate_up), weight, lora_a, lora_b, offs, scaling
         )  # autograd is off here
-        ctx.save_for_backward(gate_up, weight, lora_a, lora_b, offs, h)
+        ctx.packed = weight if isinstance(weight, PackedExperts) else None
+        ctx.save_for_backward(gate_up, _saved(weight), lora_a, lora_b, offs, h)
         ctx.gate, ctx.scaling = gate, scaling
         return y
 
     @staticmethod
     def backward(ctx, dy):
         gate_up, weight, lora_a, lora_b, offs, h = ctx.saved_tensors
+        weight = ctx.packed or weight
         with torch.enable_grad():
             g = gate_up.detach().requires_grad_(True)
             a = ctx.gate(g)
@@ -219,7 +258,7 @@ def _lora_terms(experts: nn.Module, parameter_name: str) -> list[_LoraTerm]:
     wrapper = getattr(experts, "_lora_param_wrappers", {}).get(parameter_name)
     if wrapper is None or wrapper.disable_adapters or wrapper.merged:
         return []
-    dtype = getattr(experts, parameter_name).dtype
+    dtype = compute_dtype(experts, parameter_name)
     terms = []
     for adapter in wrapper.active_adapters:
         if adapter not in wrapper.lora_A:
@@ -271,7 +310,7 @@ def lora_grouped_mm_experts_forward(
 
     gate_up_terms = _lora_terms(self, "gate_up_proj")
     down_terms = _lora_terms(self, "down_proj")
-    if not gate_up_terms and not down_terms:  # adapters disabled or merged: the base computation
+    if not gate_up_terms and not down_terms and not is_packed(self):  # adapters off or merged: the base computation
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
     num_tokens, hidden_dim = hidden_states.shape
@@ -281,9 +320,10 @@ def lora_grouped_mm_experts_forward(
     counts = torch.bincount(expert_ids, minlength=self.num_experts)
     offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
 
-    # Weights in "rows times weight" order (E, in, out): transposed storage (GPT-OSS) already is.
-    w_gate_up = self.gate_up_proj if self.is_transposed else self.gate_up_proj.transpose(-2, -1)
-    w_down = self.down_proj if self.is_transposed else self.down_proj.transpose(-2, -1)
+    # Weights in "rows times weight" order (E, in, out): transposed storage (GPT-OSS) already is. A 4-bit
+    # stack (models/quant4.py) is dequantized one expert at a time, in forward and again in backward.
+    w_gate_up = rows_times_weight(self, "gate_up_proj")
+    w_down = rows_times_weight(self, "down_proj")
 
     if _memory_saving(gate_up_terms):
         t = gate_up_terms[0]
@@ -363,6 +403,8 @@ def unsupported_reason(experts: nn.Module, wrappers: dict[str, Any]) -> str | No
     if other:
         return f"{name}: LoRA on {', '.join(other)} (the fast kernel adapts {', '.join(FAST_PARAMETERS)})"
     for parameter_name in wrappers:
+        if packed_spec(experts, parameter_name) is not None:
+            continue  # 4-bit: dequantized into its compute dtype
         dtype = getattr(experts, parameter_name).dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"{name}.{parameter_name} is {dtype}"

@@ -47,13 +47,24 @@ def from_pretrained_kwargs(section: ModelSection) -> dict[str, Any]:
         kwargs["attn_implementation"] = section.attn_implementation
     if section.quantization is not None:
         q = section.quantization
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=q.bits == 4,
-            load_in_8bit=q.bits == 8,
-            bnb_4bit_quant_type=q.quant_type,
-            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-            bnb_4bit_use_double_quant=q.double_quant,
-        )
+        if q.quantize_experts:
+            from moe_finetune.models.quant4 import experts_quantization_config
+
+            # transformers' bitsandbytes 4-bit plus the fused experts, packed as each stack is read
+            kwargs["quantization_config"] = experts_quantization_config(
+                quant_type=q.quant_type,
+                compute_dtype=getattr(torch, q.compute_dtype),
+                double_quant=q.double_quant,
+                blocksize=q.blocksize,
+            )
+        else:
+            kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=q.bits == 4,
+                load_in_8bit=q.bits == 8,
+                bnb_4bit_quant_type=q.quant_type,
+                bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                bnb_4bit_use_double_quant=q.double_quant,
+            )
     return kwargs
 
 
@@ -114,6 +125,20 @@ def _quantization_problem(section: ModelSection, err: BaseException) -> RecipeEr
     )
 
 
+def check_experts_packed(model: Any, section: ModelSection) -> None:
+    """A recipe that asked for 4-bit experts gets them, or exit 2: never a silently bf16 "QLoRA" run."""
+    from moe_finetune.models.quant4 import unpacked_expert_stacks
+
+    missing = unpacked_expert_stacks(model)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise RecipeError(
+            f"model.quantization.experts: {section.name!r} loaded with {len(missing)} fused expert stack(s) not "
+            f"in 4-bit ({shown}): this model's experts are not a layout the 4-bit experts path knows. Set "
+            "model.quantization.experts: false to quantize nn.Linear modules only"
+        )
+
+
 def load_model_and_tokenizer(section: ModelSection, local_path: Path | None = None) -> tuple[Any, Any, FamilySpec]:
     """The causal LM, its tokenizer (with a pad token) and its family spec."""
     import transformers
@@ -136,6 +161,12 @@ def load_model_and_tokenizer(section: ModelSection, local_path: Path | None = No
         raise RecipeError(f"model.name: cannot load {section.name!r} ({first_line}){hint}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if section.quantization is not None:
+        from moe_finetune.models.quant4 import keep_linear4bit_trainable
+
+        keep_linear4bit_trainable(model)
+        if section.quantization.quantize_experts:
+            check_experts_packed(model, section)
     family = family or family_for_config(model.config)
     model.config.use_cache = False  # packed sequences stay separate only without a cache
     return model, tokenizer, family

@@ -185,7 +185,9 @@ def coverage(peft_model: Any, spec: FamilySpec) -> Coverage:
         if any(name.startswith(r) for r in routers)
     ) or any("modules_to_save" in name and p.requires_grad for name, p in peft_model.named_parameters())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in peft_model.parameters())
+    from moe_finetune.models.quant4 import logical_numel
+
+    total = sum(logical_numel(p) for p in peft_model.parameters())  # 4-bit storage counts its weights
     return Coverage(
         attention_modules=attention,
         attention_layers=len(attention_layers),
@@ -215,10 +217,23 @@ def apply_lora(model: Any, lora: LoraSection, spec: FamilySpec) -> tuple[Any, Co
         raise LoraTargetError(
             f"lora.experts: only {adapted.expert_layers} of {adapted.moe_layers} MoE layers got expert LoRA"
         )
+    from moe_finetune.models.quant4 import is_packed
+
+    packed = any(is_packed(module) for module in peft_model.modules())
+    if packed and adapted.expert_layers and lora.expert_kernel != "fast":
+        raise LoraTargetError(
+            "lora.expert_kernel: peft cannot adapt 4-bit experts (PEFT would merge B·A into the packed bytes): "
+            "use lora.expert_kernel: fast, or model.quantization.experts: false"
+        )
     if lora.expert_kernel == "fast" and adapted.expert_layers:
         from moe_finetune.models.experts import set_expert_lora_dropout, use_fast_expert_lora
 
         adapted.fast_kernel_fallback = use_fast_expert_lora(peft_model)
+        if packed and adapted.fast_kernel_fallback is not None:
+            raise LoraTargetError(
+                f"model.quantization.experts: the 4-bit experts need the fast expert kernel, which cannot serve "
+                f"this model ({adapted.fast_kernel_fallback}); set model.quantization.experts: false"
+            )
         if adapted.fast_kernel_fallback is None:
             adapted.expert_kernel = "fast"
             # PEFT refuses dropout on parameter wrappers, so the config says 0 and dropout goes in here.
