@@ -662,6 +662,19 @@ def dtype_name(model: Any) -> str:
     return str(model.dtype).removeprefix("torch.")
 
 
+def shard_bytes(max_shard_size: str | int) -> int:
+    """`--max-shard-size` as bytes (e.g. 2GB, 500MB, or a number of bytes), or exit 2 naming it."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = 0
+    if not isinstance(size, int) or size <= 0:
+        raise RecipeError(f"--max-shard-size: {max_shard_size!r} is not a size (e.g. 2GB, 500MB, or bytes)")
+    return size
+
+
 def merge_adapter(
     path: str | Path,
     output: str | Path | None = None,
@@ -684,7 +697,11 @@ def merge_adapter(
         else default_output(source.adapter_dir, source.run_dir)
     )
     protected = [source.adapter_dir] + ([source.run_dir] if source.run_dir is not None else [])
+    local_base = Path(source.model.name).expanduser()
+    if local_base.exists():  # --overwrite must never replace the base it reads
+        protected.append(local_base)
     check_output(target, overwrite, protected)
+    shard_bytes(max_shard_size)  # a bad size is the user's to fix (exit 2), before anything loads
 
     base_model, tokenizer = load_base(source)
     merged_dtype = dtype_name(base_model)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from moe_finetune.errors import RecipeError
 from moe_finetune.sections import (
@@ -134,6 +134,17 @@ class Recipe(Section):
     @classmethod
     def _check_training(cls, value: dict[str, Any]) -> dict[str, Any]:
         return validate_training_section(value)
+
+    @model_validator(mode="after")
+    def _four_bit_experts_need_the_fast_kernel(self) -> Recipe:
+        # Caught here, so validate says so offline, not after a 23 GB download and pack.
+        q = self.model.quantization
+        if q is not None and q.quantize_experts and self.lora.experts and self.lora.expert_kernel == "peft":
+            raise ValueError(
+                "lora.expert_kernel: peft cannot adapt 4-bit experts (PEFT would merge B·A into the packed bytes); "
+                "use lora.expert_kernel: fast, or model.quantization.experts: false"
+            )
+        return self
 
     @property
     def base_dir(self) -> Path:

@@ -84,6 +84,14 @@ def test_tiny_models_load_with_every_expert_stack_packed_and_routers_left_alone(
             )
             assert param.dtype == torch.uint8 and param.numel() * 2 == values  # two 4-bit values per byte
             assert (param.numel() + constants) / (2 * values) <= 0.30  # against bf16
+    # the packed bytes are this checkpoint's experts (not garbage constants, not another tensor): NF4 error
+    full = transformers.AutoModelForCausalLM.from_pretrained(build_tiny(family))
+    full_experts = [m for m in full.modules() if all(hasattr(m, a) for a in ("has_gate", "is_transposed"))]
+    for module, reference in zip(experts, full_experts, strict=True):
+        for name in QUANTIZED_EXPERT_PARAMETERS:
+            weight = getattr(reference, name)
+            error = (dequantize_stack(module, name).float() - weight).abs().mean()
+            assert error < 0.3 * weight.abs().mean(), (name, error)
     kinds = {(row.kind, row.bits) for row in footprint(model)}
     assert ("experts (fused)", "4-bit nf4") in kinds
     assert not any(kind == "experts (fused)" and "4-bit" not in bits for kind, bits in kinds)
@@ -101,6 +109,19 @@ def test_experts_false_keeps_bitsandbytes_own_behaviour_nn_linear_only() -> None
     assert not experts_modules(model)
     assert model.model.layers[0].mlp.experts.gate_up_proj.is_floating_point()
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+def test_a_recipe_that_asked_for_4bit_experts_and_got_bf16_ones_stops_with_exit_2() -> None:
+    from moe_finetune.errors import RecipeError
+    from moe_finetune.models.loading import check_experts_packed
+
+    unpacked = load_4bit("mixtral", experts=False)  # what a layout the 4-bit path missed would leave
+    with pytest.raises(
+        RecipeError, match=r"model.quantization.experts: .* 4 fused expert stack\(s\) not in 4-bit"
+    ) as err:
+        check_experts_packed(unpacked, ModelSection(name="tiny-mixtral", quantization={"bits": 4}))
+    assert err.value.exit_code == 2
+    check_experts_packed(load_4bit("mixtral"), ModelSection(name="tiny-mixtral", quantization={"bits": 4}))
 
 
 def test_experts_true_needs_4bit() -> None:
@@ -198,6 +219,24 @@ def test_nothing_expert_sized_is_saved_for_backward() -> None:
         loss = peft_model(**_padded_batch()).loss
     loss.backward()
     assert saved and not forbidden & set(saved), sorted(forbidden & set(saved))
+
+
+def test_a_recipe_with_4bit_experts_on_the_peft_kernel_is_refused_offline() -> None:
+    from moe_finetune.errors import RecipeError
+    from moe_finetune.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="lora.expert_kernel: peft cannot adapt 4-bit experts"):
+        load_recipe(REPO / "recipes" / "mixtral-8x7b-qlora.yaml", ["lora.expert_kernel=peft"])
+    load_recipe(
+        REPO / "recipes" / "mixtral-8x7b-qlora.yaml", ["lora.expert_kernel=peft", "lora.experts=false"]
+    )
+
+
+def test_the_weights_line_counts_the_base_not_the_adapters() -> None:
+    model = load_4bit("mixtral")
+    before = footprint(model)
+    peft_model, _ = _lora(model, "mixtral")
+    assert footprint(peft_model) == before
 
 
 def test_peft_kernel_cannot_adapt_4bit_experts() -> None:
@@ -300,7 +339,11 @@ def test_mid_size_model_4bit_experts_cut_peak_memory_and_match_inspect(tmp_path)
         # glibc keeps freed mid-size blocks in its heap; both are switched off to compare what each arm holds.
         env = {**os.environ, "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run(
-            [sys.executable, "-c", _ARM, str(tmp_path / "mid"), arm], capture_output=True, text=True, cwd=REPO, env=env
+            [sys.executable, "-c", _ARM, str(tmp_path / "mid"), arm],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
         )
         assert out.returncode == 0, out.stderr[-3000:]
         arms[arm] = json.loads(out.stdout.strip().splitlines()[-1])

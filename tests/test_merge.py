@@ -319,6 +319,26 @@ def test_merge_refuses_to_write_over_the_run_it_reads(runs, capsys) -> None:
     assert (runs["peft"] / "adapter" / "adapter_config.json").is_file()
 
 
+def test_merge_never_overwrites_the_local_base_it_reads(
+    random_adapter, tiny_mixtral_dir, tmp_path, capsys
+) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_mixtral_dir, base)
+    code, _, err = cli(
+        capsys, "merge", str(random_adapter), "--base", str(base), "--output", str(base), "--overwrite"
+    )
+    assert code == 2 and "which this merge reads" in err
+    assert (base / "config.json").is_file()
+
+
+def test_a_bad_shard_size_exits_2_before_anything_loads(random_adapter, tmp_path: Path, capsys) -> None:
+    code, _, err = cli(
+        capsys, "merge", str(random_adapter), "--output", str(tmp_path / "m"), "--max-shard-size", "lots"
+    )
+    assert code == 2 and "--max-shard-size: 'lots' is not a size" in err
+    assert not (tmp_path / "m").exists()
+
+
 def test_bad_inputs_exit_2_with_a_message_naming_them(random_adapter, tmp_path: Path, capsys) -> None:
     code, _, err = cli(capsys, "merge", str(tmp_path / "nowhere"))
     assert code == 2 and "does not exist" in err

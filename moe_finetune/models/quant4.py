@@ -9,7 +9,7 @@ expert at a time, so that each expert can be dequantized on its own:
 - storage: the parameter keeps its name (PEFT finds it by name) but holds the packed bytes, (E, n/2) uint8
   for n = out x in values per expert, with the logical shape in `ds_shape` (the attribute PEFT's
   `ParamWrapper` reads the real shape from when a parameter does not carry it, as under ZeRO-3); the
-  quantization constants are non-persistent buffers beside it (`<name>_absmax`, and with double quant
+  quantization constants are buffers beside it, persistent (`<name>_absmax`, and with double quant
   `<name>_offset`, `<name>_absmax2`, `<name>_code2`), so `.to(device)` moves them with the module;
 - loading: `ExpertsBnb4bitQuantizer` is transformers' own bitsandbytes 4-bit quantizer plus the fused
   experts: transformers hands it each stack right after reading (and, for per-expert checkpoints, fusing)
@@ -258,7 +258,9 @@ def footprint(model: nn.Module) -> list[KindFootprint]:
         entry.bytes += nbytes
 
     seen: set[int] = set()
-    for module in model.modules():
+    for module_name, module in model.named_modules():
+        if "lora_" in module_name:  # a PEFT model's adapters are not weights as loaded
+            continue
         specs = getattr(module, "_q4_specs", {})
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
@@ -317,13 +319,17 @@ def format_footprint(rows: list[KindFootprint]) -> str:
 
 
 def unpacked_expert_stacks(model: nn.Module) -> list[str]:
-    """Names of fused expert stacks that are not 4-bit (empty when every one is packed)."""
+    """Fused expert stacks left in full precision: every 3-D floating-point parameter that is not packed
+    (whatever class holds it: a family whose experts the 4-bit path does not know is found here too)."""
     missing = []
     for module_name, module in model.named_modules():
-        if not _is_experts_module(module):
-            continue
-        for name in QUANTIZED_EXPERT_PARAMETERS:
-            if name in module._parameters and packed_spec(module, name) is None:
+        for name, param in module._parameters.items():
+            if (
+                param is not None
+                and param.dim() == 3
+                and param.is_floating_point()
+                and packed_spec(module, name) is None
+            ):
                 missing.append(f"{module_name}.{name}")
     return missing
 
