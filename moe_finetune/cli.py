@@ -61,7 +61,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from moe_finetune.validate import validate_recipe
 
-    report = validate_recipe(args.recipe, list(args.set or []), check_data=not args.skip_data)
+    report = validate_recipe(
+        args.recipe, list(args.set or []), check_data=not args.skip_data, profile_samples=args.profile
+    )
     for warning in report.warnings:
         print(f"warning: {warning}")
     for line in report.lines:
@@ -114,6 +116,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     for note in report.notes:
         print(f"note: {note}")
     print(f"report: {report.path} ({len(report.figures)} plots beside it)")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from moe_finetune.profile import profile_recipe
+    from moe_finetune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, list(args.set or []))
+    _, json_path, png_path = profile_recipe(
+        recipe, samples=args.samples, output_dir=Path(args.output_dir) if args.output_dir else None, echo=print
+    )
+    print(f"profile: {json_path}, heatmap {png_path}")
     return 0
 
 
@@ -182,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", help="path to a recipe YAML")
     validate.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
     validate.add_argument("--skip-data", action="store_true", help="do not read and count the dataset")
+    validate.add_argument(
+        "--profile",
+        nargs="?",
+        type=int,
+        const=8192,
+        default=None,
+        metavar="N",
+        help="also route N tokens of the data through the base model (default 8192; loads its weights) and print "
+        "the routing profile, with the experts lora.experts: auto would adapt",
+    )
     validate.set_defaults(func=cmd_validate)
 
     smoke = sub.add_parser(
@@ -207,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="put another run beside it (e.g. the same recipe with the guard off)",
     )
     report.set_defaults(func=cmd_report)
+
+    profile = sub.add_parser(
+        "profile",
+        help="route a sample of the recipe's data through the base model: per-layer entropy, load and each "
+        "expert's affinity (table, profile.json, profile.png)",
+    )
+    profile.add_argument("recipe", help="path to a recipe YAML")
+    profile.add_argument(
+        "--samples", type=int, default=8192, metavar="N", help="tokens of training data to route (default 8192)"
+    )
+    profile.add_argument("--output-dir", help="where to write profile.json and profile.png (default OUTPUT_DIR/profile)")
+    profile.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a recipe field")
+    profile.set_defaults(func=cmd_profile)
 
     merge = sub.add_parser(
         "merge",

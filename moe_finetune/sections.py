@@ -101,12 +101,37 @@ class ModelSection(Section):
         return "off" if value is False else value
 
 
+def _whole(value: Any) -> int:
+    """A layer or expert number: an int, or its digits as a string (YAML keys that went through JSON)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise ValueError(f"{value!r} is not a whole number")
+
+
 class LoraSection(Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA alpha (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout on attention modules")
     attention: bool = Field(True, description="adapt the attention projections (q/k/v/o or the family's own)")
-    experts: bool = Field(True, description="adapt the fused expert weights through PEFT target_parameters")
+    experts: bool | Literal["auto"] | dict[int, list[int]] = Field(
+        True,
+        description="which experts to adapt through PEFT target_parameters: true / all = every expert, false = "
+        "none (attention only), auto = per layer the experts the data uses most (ESFT: a routing profile of the "
+        "training data before training, lora.experts_top_p and lora.experts_score), or {layer: [experts]}; a "
+        "layer left out of the mapping keeps its experts frozen",
+    )
+    experts_top_p: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="experts: auto adapts, per layer, the fewest experts whose share of the score reaches this",
+    )
+    experts_score: Literal["gate", "token"] = Field(
+        "gate",
+        description="experts: auto ranks experts by ESFT's average gate score (gate) or token-selection ratio (token)",
+    )
     router: bool = Field(
         False,
         description="train the router weights fully (modules_to_save); off by default: routers are fragile",
@@ -123,6 +148,36 @@ class LoraSection(Section):
         "stack; families it cannot serve fall back to peft and the coverage line says so); peft = PEFT's "
         "ParamWrapper (merges the whole stack every forward)",
     )
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _experts_form(cls, value: Any) -> Any:
+        # `all` is today's behaviour, kept as the plain true every other layer reads; anything else gets one
+        # message naming the four forms, not one per member of the union
+        if value == "all":
+            return True
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if isinstance(value, dict):
+            try:
+                return {_whole(layer): [_whole(e) for e in experts] for layer, experts in value.items()}
+            except (TypeError, ValueError):
+                pass
+        raise ValueError(f"expected true, false, all, auto or {{layer: [experts]}} with whole numbers, got {value!r}")
+
+    @field_validator("experts")
+    @classmethod
+    def _experts_mapping(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        if not value:
+            raise ValueError("an empty {layer: [experts]} mapping adapts no expert: use experts: false for that")
+        for layer, experts in value.items():
+            if layer < 0 or any(expert < 0 for expert in experts):
+                raise ValueError(f"layer {layer}: layer and expert numbers must be >= 0, got {experts}")
+            if len(set(experts)) != len(experts):
+                raise ValueError(f"layer {layer}: expert list {experts} repeats an expert")
+        return {layer: sorted(experts) for layer, experts in sorted(value.items())}
 
 
 class DataSection(Section):

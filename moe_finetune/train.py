@@ -197,6 +197,12 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         problem = load_limit_problem(recipe.guards, family.num_experts(model.config), family.top_k(model.config))
         if problem is not None:
             raise RecipeError(problem)
+    if recipe.lora.experts == "auto":
+        from moe_finetune.profile import choose_experts
+
+        # ESFT: the experts this data uses, from the base model, made explicit for recipe.resolved.yaml
+        quiet = echo if args.process_index == 0 else (lambda _line: None)  # every rank chooses alike
+        recipe.lora.experts = choose_experts(recipe, model, tokenizer, family, data, echo=quiet)
     model, adapted = apply_lora(model, recipe.lora, family)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer

@@ -36,7 +36,7 @@ def recipe_model_config(recipe: Recipe) -> Any:
 
 
 def validate_recipe(
-    path: str | Path, overrides: list[str] | None = None, check_data: bool = True
+    path: str | Path, overrides: list[str] | None = None, check_data: bool = True, profile_samples: int | None = None
 ) -> ValidationReport:
     recipe = load_recipe(path, overrides)
     check_files(recipe)
@@ -65,4 +65,18 @@ def validate_recipe(
         f"expert parameters {sorted(lora_config.target_parameters or [])}, "
         f"router {'trainable' if recipe.lora.router else 'frozen'}"
     )
+    if profile_samples is not None:
+        # --profile: the base model's weights are read after all, to route a sample of the data (profile.py)
+        from moe_finetune.profile import format_table, measure_recipe
+
+        def note(line: str) -> None:  # notes go in the report; the progress lines do not
+            if not line.startswith("profile: "):
+                report.lines.append(line)
+
+        profile = measure_recipe(recipe, samples=profile_samples, echo=note)
+        lora = recipe.lora
+        report.lines.extend(format_table(profile, lora.experts_score, lora.experts_top_p).splitlines())
+        if lora.experts == "auto":
+            chosen = profile.selection(lora.experts_score, lora.experts_top_p)
+            report.lines.append(f"lora.experts: auto would adapt {chosen}")
     return report

@@ -23,6 +23,7 @@ sys.meta_path.insert(0, Block())
 def test_the_guard_policy_and_the_metrics_import_without_transformers_or_any_training_framework():
     code = _BLOCKER + (
         "import moe_finetune.routing.policy, moe_finetune.routing.metrics, moe_finetune.routing.reasons\n"
+        "import moe_finetune.routing.affinity\n"
         "import moe_finetune.sections, moe_finetune.rundir\n"
         "from moe_finetune.routing.policy import GuardPolicy, RoutingSnapshot\n"
         "p = GuardPolicy()\n"
@@ -67,6 +68,10 @@ for _lower in ("errors", "sections", "rundir", "models", "routing", "callbacks",
     _FORBIDDEN.setdefault(_lower, set()).update({"merge", "generate"})
 _FORBIDDEN["merge"] = {"cli", "train", "callbacks", "generate"}
 _FORBIDDEN["generate"] = {"cli", "train", "callbacks"}
+# profile sits beside them too (train imports it for lora.experts: auto); its pure math is routing/affinity.py
+for _lower in ("errors", "sections", "rundir", "models", "routing", "callbacks", "data", "report", "report_plots"):
+    _FORBIDDEN[_lower].add("profile")
+_FORBIDDEN["profile"] = {"cli", "train", "callbacks", "validate", "merge", "generate"}
 
 
 def _imported_parts(path: Path) -> set[str]:

@@ -38,6 +38,15 @@ def attention_targets(lora: LoraSection, spec: FamilySpec, model: Any = None) ->
     return [t for t in spec.attention_modules if any(_matches(name, t) for name in names)]
 
 
+def layer_number(name: str) -> int | None:
+    """The decoder-layer number in a module or parameter name (`model.layers.3.mlp.gate` -> 3): the key
+    of `lora.experts: {layer: [experts]}` and of the routing profile's layers."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
 def expert_targets(lora: LoraSection, spec: FamilySpec) -> list[str]:
     if not lora.experts:
         return []
@@ -77,6 +86,8 @@ def check_targets(model: Any, lora: LoraSection, spec: FamilySpec) -> None:
                 f"lora.target_parameters: {target!r} matches no parameter of {type(model).__name__}; "
                 f"this family's expert parameters are {', '.join(spec.expert_parameters)}"
             )
+    if isinstance(lora.experts, dict):
+        check_selection(model, lora.experts, spec)
     if experts:
         routers = router_module_names(model, spec)
         covered = {
@@ -135,6 +146,9 @@ class Coverage:
     # recipe asked for fast and the model cannot take it, why (the run falls back to peft and says so).
     expert_kernel: str = "peft"
     fast_kernel_fallback: str | None = None
+    # lora.experts as {layer: [experts]} (auto resolves to one): the experts adapted in each MoE layer;
+    # None = every expert of every adapted layer.
+    expert_selection: dict[int, list[int]] | None = None
 
     def line(self) -> str:
         share = 100.0 * self.trainable / max(self.total, 1)
@@ -144,6 +158,16 @@ class Coverage:
             if self.expert_parameters
             else f"experts frozen (0/{self.moe_layers} MoE layers)"
         )
+        if self.expert_parameters and self.expert_selection is not None:
+            chosen = sum(len(experts) for experts in self.expert_selection.values())
+            layers = "; ".join(
+                f"layer {layer}: {','.join(map(str, experts)) or 'none'}"
+                for layer, experts in self.expert_selection.items()
+            )
+            experts = (
+                f"experts {chosen} of {self.moe_layers * self.num_experts} ({layers}) "
+                f"({', '.join(self.expert_parameters)}){self._kernel_note()}"
+            )
         return (
             f"LoRA coverage: attention {self.attention_modules} modules in {self.attention_layers} layers; {experts}; "
             f"router {'trainable' if self.router_trainable else 'frozen'}; trainable parameters "
@@ -185,6 +209,8 @@ def coverage(peft_model: Any, spec: FamilySpec) -> Coverage:
         if any(name.startswith(r) for r in routers)
     ) or any("modules_to_save" in name and p.requires_grad for name, p in peft_model.named_parameters())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    selection, masked = _read_selection(peft_model, spec)
+    trainable -= masked  # masked experts' slices are parameters PEFT keeps, but they never train
     from moe_finetune.models.quant4 import logical_numel
 
     total = sum(logical_numel(p) for p in peft_model.parameters())  # 4-bit storage counts its weights
@@ -198,6 +224,7 @@ def coverage(peft_model: Any, spec: FamilySpec) -> Coverage:
         router_trainable=router_trainable,
         trainable=trainable,
         total=total,
+        expert_selection=selection,
     )
 
 
@@ -205,8 +232,16 @@ def apply_lora(model: Any, lora: LoraSection, spec: FamilySpec) -> tuple[Any, Co
     """Wrap `model` with the recipe's LoRA adapter and verify that what was asked for was adapted."""
     from peft import get_peft_model
 
+    if lora.experts == "auto":
+        raise LoraTargetError(
+            "lora.experts: auto is chosen from a routing profile of the training data, which `moe-finetune "
+            "train` runs before LoRA is applied; in Python, resolve it first with "
+            "moe_finetune.profile.choose_experts (or give {layer: [experts]})"
+        )
     config = build_lora_config(model, lora, spec)
     peft_model = get_peft_model(model, config)
+    if isinstance(lora.experts, dict):
+        mask_experts(peft_model, lora.experts, spec)
     adapted = coverage(peft_model, spec)
     if lora.experts and adapted.expert_layers == 0:
         raise LoraTargetError(
@@ -240,3 +275,107 @@ def apply_lora(model: Any, lora: LoraSection, spec: FamilySpec) -> tuple[Any, Co
             if lora.dropout:
                 set_expert_lora_dropout(peft_model, lora.dropout)
     return peft_model, adapted
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapting only some experts: PEFT's full factors, the other experts' slices held at zero
+#
+# PEFT's `target_parameters` adapts a whole fused stack; it has no way to name single experts, and a slice
+# of a parameter is no target. So the factors keep PEFT's shapes (the adapter saves, loads, merges and
+# resumes as plain PEFT) and the experts left out have their slices of BOTH factors zeroed: their delta
+# B_e·A_e is then zero, and so are both gradients (dB_e = g·(A_e x)ᵀ = 0, dA_e = B_eᵀ·g·xᵀ = 0), a fixed
+# point of any gradient-based optimizer (Adam's moments stay 0, weight decay keeps 0 at 0). A gradient hook
+# that zeroes those slices holds it against anything else (an optimizer that adds noise, a loaded state).
+# Layout (peft 0.21, see models/experts.py): lora_A (r·E, in) expert-major, lora_B (out, r·E) expert-minor;
+# the fast kernel reads the same tensors, so the mask holds on both kernels.
+
+_SELECTED_ATTR = "_moe_adapted_experts"
+
+
+def _expert_row_mask(experts: list[int], num_experts: int, rank: int) -> Any:
+    """(E·r,) 1.0 on the rows of lora_A (expert-major) that belong to `experts`, 0.0 elsewhere; the same
+    vector viewed as (r, E) transposed is the column mask of lora_B (expert-minor)."""
+    import torch
+
+    keep = torch.zeros(num_experts, rank)
+    keep[experts] = 1.0
+    return keep.reshape(-1)
+
+
+def check_selection(model: Any, selection: dict[int, list[int]], spec: FamilySpec) -> None:
+    """`lora.experts: {layer: [experts]}` must name MoE layers of this model and experts it has (exit 2).
+    Works on a meta-device model, so `validate` checks it without weights."""
+    num_experts = spec.num_experts(model.config)
+    moe_layers = [layer_number(name) for name in router_module_names(model, spec)]
+    unknown = sorted(set(selection) - set(moe_layers))
+    if unknown:
+        raise LoraTargetError(
+            f"lora.experts: layer {unknown[0]} is not an MoE layer of this model; its MoE layers are "
+            f"{', '.join(map(str, moe_layers))}"
+        )
+    for layer, experts in selection.items():
+        outside = [e for e in experts if e >= num_experts]
+        if outside:
+            raise LoraTargetError(
+                f"lora.experts: layer {layer} names expert {outside[0]}, but the model has {num_experts} experts "
+                f"per layer (0..{num_experts - 1})"
+            )
+
+
+def mask_experts(peft_model: Any, selection: dict[int, list[int]], spec: FamilySpec) -> int:
+    """Hold every expert not in `selection` ({decoder layer: [experts]}) at a zero LoRA delta, on every expert
+    ParamWrapper; MoE layers left out of the mapping keep all their experts frozen. Returns the number of
+    factor elements masked. Bad layer or expert numbers are the recipe's to fix (exit 2)."""
+    import torch
+    from peft.tuners.lora.layer import ParamWrapper
+
+    check_selection(peft_model, selection, spec)
+    num_experts = spec.num_experts(peft_model.config)
+    masked = 0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, ParamWrapper):
+            continue
+        experts = list(selection.get(layer_number(name), []))
+        setattr(module, _SELECTED_ATTR, experts)
+        for adapter in module.lora_A:
+            weight_a = module.lora_A[adapter].weight  # (r·E, in)
+            weight_b = module.lora_B[adapter].weight  # (out, r·E)
+            rank = weight_a.shape[0] // num_experts
+            rows = _expert_row_mask(experts, num_experts, rank).to(weight_a.device)  # (E·r,) expert-major
+            columns = rows.view(num_experts, rank).t().reshape(-1).to(weight_b.device)  # (r·E,) expert-minor
+            mask_a, mask_b = rows.to(weight_a.dtype)[:, None], columns.to(weight_b.dtype)[None, :]
+            with torch.no_grad():
+                weight_a.mul_(mask_a)
+                weight_b.mul_(mask_b)
+            weight_a.register_hook(lambda grad, mask=mask_a: grad * mask)
+            weight_b.register_hook(lambda grad, mask=mask_b: grad * mask)
+            dropped = num_experts - len(experts)
+            masked += dropped * rank * (weight_a.shape[1] + weight_b.shape[0])
+    return masked
+
+
+def _read_selection(peft_model: Any, spec: FamilySpec) -> tuple[dict[int, list[int]] | None, int]:
+    """The {layer: [experts]} `mask_experts` applied (None if it did not run) and the trainable factor
+    elements it holds at zero."""
+    selection: dict[int, list[int]] = {}
+    masked = 0
+    found = False
+    num_experts = None
+    for name, module in peft_model.named_modules():
+        experts = getattr(module, _SELECTED_ATTR, None)
+        if experts is None:
+            continue
+        found = True
+        num_experts = num_experts or spec.num_experts(peft_model.config)
+        layer = layer_number(name)
+        if layer is not None:
+            selection[layer] = sorted(set(selection.get(layer, [])) | set(experts))
+        for adapter in module.lora_A:
+            weight_a, weight_b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            if weight_a.requires_grad:
+                rank = weight_a.shape[0] // num_experts
+                masked += (num_experts - len(experts)) * rank * (weight_a.shape[1] + weight_b.shape[0])
+    if not found:
+        return None, 0
+    routers = [layer_number(name) for name in router_module_names(peft_model, spec)]
+    return {layer: selection.get(layer, []) for layer in routers if layer is not None}, masked
