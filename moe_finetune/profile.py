@@ -282,8 +282,13 @@ def choose_experts(
     recipe: Recipe, model: Any, tokenizer: Any, family: FamilySpec, data: LoadedData, *, echo: Echo = print
 ) -> dict[int, list[int]]:
     """`lora.experts: auto` made explicit: per MoE layer, the experts ESFT would adapt for this data."""
-    lora = recipe.lora
     profile = profile_loaded(recipe, model, tokenizer, family, data, samples=DEFAULT_SAMPLES, echo=echo)
+    return experts_from_profile(profile, recipe, echo=echo)
+
+
+def experts_from_profile(profile: RoutingProfile, recipe: Recipe, *, echo: Echo = print) -> dict[int, list[int]]:
+    """The selection `lora.experts: auto` makes from a measured profile (said in one line)."""
+    lora = recipe.lora
     chosen = profile.selection(lora.experts_score, lora.experts_top_p)
     if not any(chosen.values()):
         raise DataError("lora.experts: auto: the routing profile of the training data chose no expert in any layer")

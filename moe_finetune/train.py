@@ -143,6 +143,24 @@ def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo) -> list[Any]:
     return callbacks
 
 
+def use_profile_as_baseline(trainer: Any, profile: Any, recipe: Recipe, say: Echo) -> None:
+    """The routing profile is the base model's routing before any update: the guard's best baseline."""
+    from moe_finetune.callbacks.guard import EntropyGuard
+
+    guard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EntropyGuard)), None)
+    if guard is None or not profile.layers:
+        return
+    layer_entropy = [layer.entropy for layer in profile.layers]
+    entropy = sum(layer_entropy) / len(layer_entropy)  # routing/entropy: the mean over MoE layers
+    load_share = [layer.load_share for layer in profile.layers]
+    guard.use_baseline(entropy, layer_entropy, load_share, recipe.monitor.dead_threshold)
+    say(
+        f"guard baseline: the routing profile of {profile.tokens:,} tokens before any update (routing entropy "
+        f"{entropy:.3f}, lowest layer {min(layer_entropy):.3f}), not the first {recipe.guards.baseline_steps} "
+        "logging windows"
+    )
+
+
 def banner(recipe: Recipe, family: FamilySpec, model: Any, data: LoadedData, args: Any) -> str:
     total = sum(p.numel() for p in model.parameters())
     lines = [
@@ -197,12 +215,14 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         problem = load_limit_problem(recipe.guards, family.num_experts(model.config), family.top_k(model.config))
         if problem is not None:
             raise RecipeError(problem)
+    profile = None
     if recipe.lora.experts == "auto":
-        from moe_finetune.profile import choose_experts
+        from moe_finetune.profile import DEFAULT_SAMPLES, experts_from_profile, profile_loaded
 
         # ESFT: the experts this data uses, from the base model, made explicit for recipe.resolved.yaml
         quiet = echo if args.process_index == 0 else (lambda _line: None)  # every rank chooses alike
-        recipe.lora.experts = choose_experts(recipe, model, tokenizer, family, data, echo=quiet)
+        profile = profile_loaded(recipe, model, tokenizer, family, data, samples=DEFAULT_SAMPLES, echo=quiet)
+        recipe.lora.experts = experts_from_profile(profile, recipe, echo=quiet)
     model, adapted = apply_lora(model, recipe.lora, family)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer
@@ -230,6 +250,8 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         recommended = max(recipe.data.min_examples, DEFAULT_MIN_EXAMPLES)
         callbacks.append(DatasetSizeGuard(min_examples=recommended, allow_small=True, echo=say))
     attach(trainer, *callbacks)
+    if profile is not None:
+        use_profile_as_baseline(trainer, profile, recipe, say)
     return trainer
 
 

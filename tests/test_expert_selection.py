@@ -188,8 +188,11 @@ def test_an_auto_run_records_its_experts_and_its_adapter_changes_only_them_under
 
     monkeypatch.setattr(train_module, "load_model_and_tokenizer", skewed)
     recipe = recipe_factory()
+    # guards off: the skewed routers start at routing entropy ~0.02, where the guard (now judging against
+    # this profile from the first logging step) reads any wobble as a halving; this test is about selection
     code = main(["train", str(recipe), "--set", "lora.r=4", "--set", "lora.experts=auto",
-                 "--set", "lora.experts_top_p=0.9", "--set", "training.learning_rate=5e-3"])  # fmt: skip
+                 "--set", "lora.experts_top_p=0.9", "--set", "training.learning_rate=5e-3",
+                 "--set", "guards.enabled=false"])  # fmt: skip
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "lora.experts: auto (gate score, top_p 0.9)" in out
@@ -208,3 +211,22 @@ def test_an_auto_run_records_its_experts_and_its_adapter_changes_only_them_under
         for expert in range(E):
             changed = not torch.equal(after[name][expert], weight[expert])
             assert changed == (expert in FAVOURED[layer]), (name, expert)
+
+
+def test_with_auto_the_guard_judges_against_the_profile_measured_before_any_update(recipe_factory):
+    from moe_finetune.callbacks.guard import EntropyGuard
+    from moe_finetune.recipe import load_recipe
+    from moe_finetune.train import build_trainer
+
+    # baseline_steps 50: without the profile the guard would still be collecting its baseline after 4 steps
+    recipe = load_recipe(recipe_factory("lora:\n  experts: auto\nguards:\n  baseline_steps: 50\n"))
+    lines: list[str] = []
+    trainer = build_trainer(recipe, echo=lines.append)
+    assert any(line.startswith("guard baseline: the routing profile of 343 tokens") for line in lines)
+    guard = next(c for c in trainer.callback_handler.callbacks if isinstance(c, EntropyGuard))
+    preset = guard.preset_baseline
+    assert preset is not None and len(preset["layer_entropy"]) == 2 and len(preset["load_share"][0]) == 8
+    trainer.train()
+    assert guard.policy.layer_baseline == pytest.approx(preset["layer_entropy"])
+    assert guard.policy.baseline == pytest.approx(sum(preset["layer_entropy"]) / 2)
+    assert guard.policy.state.layer_balance_baseline is not None

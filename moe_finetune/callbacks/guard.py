@@ -117,6 +117,9 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self._output_dir_given = output_dir is not None  # else each train() writes to its args.output_dir
         self.echo = echo
         self.report_on_halt = report_on_halt
+        # Routing measured before any update (the profile of `lora.experts: auto`), judged against instead of
+        # the first logging windows; see use_baseline.
+        self.preset_baseline: dict[str, Any] | None = None
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.is_main = True
@@ -184,6 +187,19 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
 
     # --- Trainer events ---
+    def use_baseline(
+        self, entropy: float, layer_entropy: list[float], load_share: list[list[float]], dead_threshold: float
+    ) -> None:
+        """Judge the run against routing measured on the base model before any update (a routing profile of
+        the training data), not against its first `baseline_steps` logging windows, which already moved.
+        Applies to a fresh run; a resumed one keeps the baseline its checkpoint saved."""
+        self.preset_baseline = {
+            "entropy": float(entropy),
+            "layer_entropy": [float(v) for v in layer_entropy],
+            "load_share": [[float(v) for v in row] for row in load_share],
+            "dead_threshold": float(dead_threshold),
+        }
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         from moe_finetune.callbacks.monitor import MONITOR_ATTRIBUTE
 
@@ -195,6 +211,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self.monitor, self._owns_monitor = None, False
         if state.global_step == 0:  # a fresh run: nothing carries over from an earlier train() call
             self.policy = GuardPolicy(self.config)
+            if self.preset_baseline is not None:
+                self.policy.set_baseline(**self.preset_baseline)
             self.halted, self.halt_step, self.kept_checkpoint, self._keep_at_save = None, None, None, None
             self.events, self.initial_lr, self.requested_lr = [], None, None
         self._last_saved_step = int(state.global_step) if state.global_step > 0 else None
