@@ -158,12 +158,12 @@ def model_config_for(model_name: str, config_path: Path | None = None, local_pat
     `config_path` is the recipe's `model.config` (a config.json or folder) and `local_path` the
     model name resolved as a local folder, both already resolved against the recipe's directory.
     """
-    from moe_finetune.models.tiny import build_tiny, family_of_tiny_name, is_tiny_name
+    from moe_finetune.models.tiny import is_tiny_name, tiny_model_dir
 
     if is_tiny_name(model_name):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(build_tiny(family_of_tiny_name(model_name)))
+        return AutoConfig.from_pretrained(tiny_model_dir(model_name))
     source: str | Path = model_name
     if config_path is not None:
         source = config_path

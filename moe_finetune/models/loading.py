@@ -14,18 +14,17 @@ from typing import Any
 
 from moe_finetune.errors import RecipeError
 from moe_finetune.models.families import FamilySpec, family_for_config
-from moe_finetune.models.tiny import build_tiny, family_of_tiny_name, is_tiny_name
+from moe_finetune.models.tiny import family_of_tiny_name, is_tiny_name, tiny_model_dir
 from moe_finetune.sections import ModelSection
 
 
 def resolve_model_path(section: ModelSection, local_path: Path | None = None) -> tuple[str, FamilySpec | None]:
-    """A loadable path or hub id for the model (tiny models are built or reused here).
+    """A loadable path or hub id for the model (tiny models, random or trained, are built or reused here).
 
     `local_path` is `section.name` resolved against the recipe's folder: used when it exists.
     """
     if is_tiny_name(section.name):
-        family = family_of_tiny_name(section.name)
-        return str(build_tiny(family)), family
+        return str(tiny_model_dir(section.name)), family_of_tiny_name(section.name)
     if local_path is not None and local_path.exists():
         return str(local_path), None
     return section.name, None

@@ -17,10 +17,13 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from moe_finetune.models.families import FamilySpec, get_family, tiny_config_kwargs
 
 TINY_PREFIX = "tiny-"
+# `tiny-<family>-trained`: the family pretrained on the Python stdlib (models/trained.py), not random.
+TRAINED_SUFFIX = "-trained"
 TOKENIZER_VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 # A chat template so that `messages` datasets work with the tiny tokenizer just as with a real one.
@@ -52,8 +55,19 @@ def is_tiny_name(name: str) -> bool:
 
 
 def family_of_tiny_name(name: str) -> FamilySpec:
-    """`tiny-mixtral` -> the mixtral spec (and `tiny-deepseek-v3` -> deepseek_v3)."""
-    return get_family(name[len(TINY_PREFIX) :])
+    """`tiny-mixtral` -> the mixtral spec (and `tiny-deepseek-v3` -> deepseek_v3, `tiny-olmoe-trained` -> olmoe)."""
+    return get_family(name[len(TINY_PREFIX) :].removesuffix(TRAINED_SUFFIX))
+
+
+def tiny_model_dir(name: str) -> Path:
+    """Build (or reuse) the tiny model a recipe names: `tiny-<family>` random, `tiny-<family>-trained`
+    pretrained on the Python stdlib (models/trained.py); its `save_pretrained` directory."""
+    family = family_of_tiny_name(name)
+    if name.endswith(TRAINED_SUFFIX):
+        from moe_finetune.models.trained import build_trained  # it builds on this module
+
+        return build_trained(family)
+    return build_tiny(family)
 
 
 def cache_root() -> Path:
@@ -149,7 +163,16 @@ def build_tiny(
             if name.endswith(("gate.weight", "router.weight")) and param.dim() == 2:
                 param.normal_(0.0, 0.15)
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    return write_model_dir(target, model, tokenizer)
+
+
+def write_model_dir(target: Path, model: Any, tokenizer: Any, extra_files: dict[str, str] | None = None) -> Path:
+    """Save model + tokenizer (+ `extra_files`, name -> text) as `target`, whole or not at all.
+
+    The directory is written under a temporary name and renamed into place, so a crash or a
+    concurrent builder never leaves a half-written model that a later run would load.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         # Not model.save_pretrained: under torch.distributed it writes only on global rank 0, and the
         # process building this private copy may be any rank. The result is the same directory.
@@ -161,6 +184,8 @@ def build_tiny(
         state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         try:
             staging.rename(target)
         except OSError:
