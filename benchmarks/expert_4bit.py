@@ -36,27 +36,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SIZES = {
-    "hidden_size": 512,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 4096,
-    "vocab_size": 2048,
-}
-BATCH, RANK, LENGTH = 4, 16, 256
+# The expert-LoRA benchmark's model and LoRA, so the two benchmarks' figures compare.
+from expert_lora import BATCH, RANK, SIZES  # noqa: E402
+from procstatus import status_kb  # noqa: E402  (benchmarks/, beside this script)
+
+LENGTH = 256
 ARMS = ("bf16", "4bit")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def build_checkpoint(folder: Path) -> None:
@@ -116,29 +101,20 @@ def run_arm(arm: str, folder: Path, steps: int, warmup: int) -> dict:
         "arm": arm,
         "step_s": statistics.median(times[warmup:]),
         "cpu_s": statistics.median(cpu_times[warmup:]),
-        "peak_bytes": _status_kb("VmHWM") * 1024,
+        "peak_bytes": status_kb("VmHWM") * 1024,
         "experts_bytes": experts_bytes,
     }
 
 
 def output_errors(folder: Path) -> dict:
     """4-bit logits against the dequantized reference (fp32 compute) and against the bf16 model."""
-    import copy
-
     import torch
 
     from moe_finetune.models.loading import load_model_and_tokenizer
-    from moe_finetune.models.quant4 import QUANTIZED_EXPERT_PARAMETERS, dequantize_stack, packed_spec
+    from moe_finetune.models.quant4 import dequantized_copy
 
     quantized, _, _ = load_model_and_tokenizer(section_for("4bit", folder, compute="float32"))
-    reference = copy.deepcopy(quantized)
-    for module in reference.modules():
-        if packed_spec(module, "gate_up_proj") is None:
-            continue
-        for name in QUANTIZED_EXPERT_PARAMETERS:
-            module._parameters[name] = torch.nn.Parameter(dequantize_stack(module, name), requires_grad=False)
-        del module._q4_specs
-    reference.set_experts_implementation("grouped_mm")
+    reference = dequantized_copy(quantized)
     full, _, _ = load_model_and_tokenizer(section_for("bf16", folder))
     ids = torch.randint(0, SIZES["vocab_size"], (2, 128), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

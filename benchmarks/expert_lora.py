@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from procstatus import status_kb  # noqa: E402  (benchmarks/, beside this script)
+
 SIZES = {
     "hidden_size": 512,
     "intermediate_size": 1024,
@@ -47,14 +49,6 @@ SIZES = {
 BATCH, RANK = 4, 16
 ARMS = ("attention", "peft", "fast")
 LENGTHS = (256, 512)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def run_arm(arm: str, length: int, steps: int, warmup: int) -> dict:
@@ -102,7 +96,7 @@ def run_arm(arm: str, length: int, steps: int, warmup: int) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _status_kb("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else status_kb("VmHWM") * 1024
     return {
         "arm": arm,
         "length": length,

@@ -38,6 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from procstatus import status_kb  # noqa: E402  (benchmarks/, beside this script)
+
 SIZES = {
     "hidden_size": 768,
     "intermediate_size": 1536,
@@ -52,14 +54,6 @@ RANK = 16
 # Shards of 0.7 decoder layer, as the default 2GB is 0.7 of a Mixtral 8x7B layer in bf16 (the save holds one).
 SHARD_OF_LAYER = 0.7
 ARMS = ("load", "peft", "merge")
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="utf-8") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 class AnonymousPeak:
@@ -78,7 +72,7 @@ class AnonymousPeak:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kb("RssAnon") * 1024)
+            self.peak = max(self.peak, status_kb("RssAnon") * 1024)
             self._stop.wait(0.001)
 
     def __enter__(self) -> AnonymousPeak:
@@ -88,7 +82,7 @@ class AnonymousPeak:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kb("RssAnon") * 1024)
+        self.peak = max(self.peak, status_kb("RssAnon") * 1024)
 
 
 def build(workdir: Path) -> dict:
@@ -158,8 +152,8 @@ def run_arm(arm: str, workdir: Path, dtype: str, shard_bytes: int) -> dict:
     torch.set_num_threads(1)
     with open("/proc/self/clear_refs", "w", encoding="utf-8") as handle:
         handle.write("5")  # resets VmHWM to the current RSS
-    start_rss = _status_kb("VmRSS") * 1024
-    start_anon = _status_kb("RssAnon") * 1024
+    start_rss = status_kb("VmRSS") * 1024
+    start_anon = status_kb("RssAnon") * 1024
     sampler = AnonymousPeak().__enter__()
     if arm == "load":
         kwargs = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
@@ -191,7 +185,7 @@ def run_arm(arm: str, workdir: Path, dtype: str, shard_bytes: int) -> dict:
         files = sorted(p.name for p in output.glob("*.safetensors"))
         assert result.check.ok, result.check.line()
     sampler.__exit__()
-    peak = _status_kb("VmHWM") * 1024
+    peak = status_kb("VmHWM") * 1024
     out = {
         "arm": arm,
         "peak_added_bytes": peak - start_rss,

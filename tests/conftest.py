@@ -88,3 +88,26 @@ def recipe_factory(tmp_path: Path, small_jsonl: Path):
         return write_recipe(tmp_path / name, text)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def random_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_dir: Path) -> Path:
+    """An adapter folder on the tiny Mixtral with random (non-zero) B, made in a second, without training."""
+    import torch
+    import transformers
+
+    from moe_finetune.models.families import get_family
+    from moe_finetune.models.lora import apply_lora
+    from moe_finetune.sections import LoraSection
+
+    folder = tmp_path_factory.mktemp("random-adapter") / "adapter"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir)
+    peft_model, _ = apply_lora(model, LoraSection(r=4), get_family("mixtral"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    peft_model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_mixtral_dir).save_pretrained(folder)
+    return folder

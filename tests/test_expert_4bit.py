@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from moe_finetune.models.quant4 import (
     QUANTIZED_EXPERT_PARAMETERS,
     dequantize_expert,
     dequantize_stack,
+    dequantized_copy,
     footprint,
     pack_expert_stack,
     packed_spec,
@@ -131,20 +131,6 @@ def test_experts_true_needs_4bit() -> None:
     assert QuantizationSection(bits=4).quantize_experts is True
 
 
-def _with_dequantized_experts(model: torch.nn.Module) -> torch.nn.Module:
-    """The reference: the same model, its packed stacks replaced by their dequantized weights (plain experts)."""
-    reference = copy.deepcopy(model)
-    for module in experts_modules(reference):
-        for name in QUANTIZED_EXPERT_PARAMETERS:
-            weight = dequantize_stack(module, name)
-            module._parameters[name] = torch.nn.Parameter(weight, requires_grad=False)
-            for buffer in [n for n in module._buffers if n.startswith(f"{name}_")]:
-                del module._buffers[buffer]
-        del module._q4_specs
-    reference.set_experts_implementation("grouped_mm")
-    return reference
-
-
 def _lora(model, family, **lora):
     peft_model, coverage = apply_lora(model, LoraSection(r=4, **lora), get_family(family))
     generator = torch.Generator().manual_seed(1)
@@ -177,7 +163,7 @@ def test_4bit_experts_give_the_logits_and_lora_gradients_of_their_dequantized_we
     family, checkpointing
 ) -> None:
     model = load_4bit(family, compute_dtype="float32")
-    reference = _with_dequantized_experts(model)
+    reference = dequantized_copy(model)
     quantized, coverage = _lora(model, family)
     plain, plain_coverage = _lora(reference, family)
     assert coverage.expert_kernel == "fast" and plain_coverage.expert_kernel == "fast"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,7 @@ from moe_finetune.generate import (
     stop_token_ids,
 )
 from moe_finetune.merge import merge_adapter
-from moe_finetune.models.families import get_family
-from moe_finetune.models.lora import apply_lora
 from moe_finetune.routing.capture import RoutingCapture
-from moe_finetune.sections import LoraSection
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,18 +59,10 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, _private_model_cache: Pa
 
 
 @pytest.fixture(scope="session")
-def random_run(tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_dir: Path) -> Path:
+def random_run(tmp_path_factory: pytest.TempPathFactory, random_adapter: Path) -> Path:
     """A run-shaped folder (adapter/ + recipe.resolved.yaml) with a random, non-zero adapter: no training."""
     run = tmp_path_factory.mktemp("generate-random") / "run"
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir)
-    peft_model, _ = apply_lora(model, LoraSection(r=4), get_family("mixtral"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(run / "adapter")
-    transformers.AutoTokenizer.from_pretrained(tiny_mixtral_dir).save_pretrained(run / "adapter")
+    shutil.copytree(random_adapter, run / "adapter")
     recipe = {"model": {"name": "tiny-mixtral"}, "lora": {"r": 4, "expert_kernel": "peft"}}
     (run / "recipe.resolved.yaml").write_text(yaml.safe_dump(recipe))
     return run

@@ -112,22 +112,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory, _private_model_cache: Path) -
 
 
 @pytest.fixture(scope="session")
-def random_adapter(tmp_path_factory: pytest.TempPathFactory, tiny_mixtral_dir: Path) -> Path:
-    """An adapter folder on the tiny Mixtral with random (non-zero) B, made in a second, without training."""
-    folder = tmp_path_factory.mktemp("random-adapter") / "adapter"
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir)
-    peft_model, _ = apply_lora(model, LoraSection(r=4), get_family("mixtral"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
-    peft_model.save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(tiny_mixtral_dir).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def merged_peft_run(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("merged") / "model"
     printed = io.StringIO()

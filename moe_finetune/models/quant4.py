@@ -164,6 +164,26 @@ def dequantize_stack(experts: nn.Module, name: str) -> torch.Tensor:
     return torch.stack([dequantize_expert(experts, name, e) for e in range(spec.num_experts)])
 
 
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose packed stacks are plain parameters of their dequantized weights (and the
+    transformers grouped_mm experts): the exact reference the 4-bit path must equal, for tests and benchmarks."""
+    import copy
+
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        specs = getattr(module, "_q4_specs", None)
+        if not specs:
+            continue
+        for name in specs:
+            weight = dequantize_stack(module, name)
+            module._parameters[name] = nn.Parameter(weight, requires_grad=False)
+            for buffer in [b for b in module._buffers if b.startswith(f"{name}_")]:
+                del module._buffers[buffer]
+        del module._q4_specs
+    reference.set_experts_implementation("grouped_mm")
+    return reference
+
+
 class PackedExperts:
     """A packed stack seen as the (E, in, out) "rows times weight" tensor the experts forward wants:
     `self[e]` dequantizes expert e (a transient (in, out) view); `.transpose(-2, -1)` flips the view."""
