@@ -1,24 +1,29 @@
-"""Does the routing guard protect a trained MoE? tiny-mixtral-trained fine-tuned with it on and off.
+"""Does the guard protect a trained MoE? tiny-mixtral-trained fine-tuned with it on and off.
 
     python benchmarks/guard_protection.py                       # the five runs (~10 min on 2 cores), the tables
     python benchmarks/guard_protection.py --runs off,on --set guards.cut_factor=0.25   # other guard settings
+    python benchmarks/guard_protection.py --runs off --variant tight:guards.retention.cut_rise=0.005
     python benchmarks/guard_protection.py --no-train            # measure the runs already in --out again
     python benchmarks/guard_protection.py --domain asyncio --steps 200
     python benchmarks/guard_protection.py --data-only           # only write the recipes' datasets
 
 The model is `tiny-mixtral-trained` (models/trained.py: pretrained on the Python stdlib, routers peaked
 and specialised, built and cached on first use). The datasets are written from the same corpus
-(models/corpus.py) to OUT/data: `broad.jsonl.gz` (12,000 training rows spread over every domain) and
-`<domain>.jsonl.gz` (every training row of one package). Held-out rows (one chunk in ten, by hash) are
-never trained on, in pretraining or here. The runs, all at seed 0, through `moe_finetune.train`:
+(models/corpus.py) to OUT/data: `broad.jsonl.gz` (12,000 training rows spread over every domain),
+`<domain>.jsonl.gz` (every training row of one package) and `retention-<domain>.jsonl.gz` (the guard's
+retention rows: 4 held-out chunks of each other domain, past the `--per-domain` that forgetting is measured
+on). Held-out rows (one chunk in ten, by hash) are never trained on, in pretraining or here. The runs, all
+at seed 0, through `moe_finetune.train`; "guard on" is every default, with `guards.retention.data` naming
+the retention rows:
 
 - sane (benchmarks/recipes/guard-protection-sane.yaml): LoRA r 8, router frozen, lr 1e-4, the broad
-  rows; the guard at its defaults must take no action;
+  rows; the guard must take no action;
 - aggressive, guard off (guard-protection-aggressive.yaml, --set guards.enabled=false): router
   trained at lr 5e-3, no load-balancing loss, one domain;
-- aggressive, guard on: the same recipe with the guards at their defaults;
-- controls: the same with the router frozen (`frozen`: is the forgetting routing's doing?), and with a
-  prototype check on forgetting itself added to the guard (`retention`, RetentionCheck below).
+- aggressive, guard on: the same recipe with the guard on;
+- controls: the guard without its retention check (`routing`: the routing checks alone), and the guard
+  on with the router frozen (`frozen`: is the forgetting routing's doing?); `--variant` adds guard-on
+  runs with other settings (how the retention defaults were chosen).
 
 For each: routing over time (routing.jsonl: routing entropy, balance, busiest expert, dead experts),
 the guard's events, the task loss (held-out rows of the fine-tune domain) and forgetting (mean over the
@@ -45,84 +50,31 @@ RECIPES = REPO / "benchmarks" / "recipes"
 SANE = RECIPES / "guard-protection-sane.yaml"
 AGGRESSIVE = RECIPES / "guard-protection-aggressive.yaml"
 BROAD_ROWS = 12_000
+RETENTION_PER_DOMAIN = 4
 
 
-def write_datasets(corpus, out: Path, domain: str) -> dict[str, Path]:
-    """The recipes' datasets from the stdlib corpus: the broad mix and one domain's training rows."""
-    from moe_finetune.models.corpus import spread, write_rows
+def write_datasets(corpus, out: Path, domain: str, per_domain: int) -> dict[str, Path]:
+    """The recipes' datasets from the stdlib corpus: the broad mix, one domain's training rows, and the guard's
+    retention rows: RETENTION_PER_DOMAIN held-out chunks of every other domain, after the `per_domain` that
+    forgetting is measured on (the guard never sees the rows it is judged by)."""
+    from moe_finetune.models.corpus import retention_chunks, spread, write_rows
 
     data = out / "data"
+    retention = retention_chunks(corpus, domain, skip=per_domain, per_domain=RETENTION_PER_DOMAIN)
     return {
         "broad": write_rows(data / "broad.jsonl.gz", spread(corpus.select(), BROAD_ROWS)),
         "domain": write_rows(data / f"{domain}.jsonl.gz", corpus.select([domain])),
+        "retention": write_rows(data / f"retention-{domain}.jsonl.gz", retention),
     }
 
 
-class RetentionCheck:
-    """A prototype of the guard design these runs argue for (not in the library): watch forgetting itself.
-
-    Every `every` steps the loss on a small retention set (held-out rows of the *other* domains, disjoint
-    from the rows forgetting is measured on) is computed; when it has risen `rise` above where it stood
-    at the start (or at the last cut), the learning rate is cut by `factor`, at most `max_cuts` times.
-    Made a TrainerCallback on the fly so this module imports no training framework at the top.
-    """
-
-    def __new__(
-        cls,
-        tokenizer,
-        chunks,
-        output_dir: Path,
-        every: int = 5,
-        rise: float = 0.01,
-        factor: float = 0.5,
-        max_cuts: int = 4,
-    ):
-        from transformers import TrainerCallback
-
-        from moe_finetune.callbacks.lr import scale_learning_rate
-        from moe_finetune.models.trained import held_out_loss
-        from moe_finetune.rundir import EVENTS_FILE, append_jsonl
-
-        class _Check(TrainerCallback):
-            def __init__(self) -> None:
-                self.reference: float | None = None
-                self.cuts = 0
-
-            def on_train_begin(self, args, state, control, model=None, **kwargs):
-                self.reference = held_out_loss(model, tokenizer, chunks)
-
-            def on_step_end(
-                self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs
-            ):
-                if state.global_step % every or self.cuts >= max_cuts:
-                    return control
-                loss = held_out_loss(model, tokenizer, chunks)
-                if loss >= self.reference * (1 + rise):
-                    before, after = scale_learning_rate(optimizer, lr_scheduler, factor)
-                    self.cuts += 1
-                    reason = (
-                        f"retention loss {loss:.3f} is {loss / self.reference - 1:.1%} above the {self.reference:.3f} "
-                        f"it stood at {'the start' if self.cuts == 1 else 'the last cut'} (limit {rise:.1%}); "
-                        f"learning rate {before:.3g} -> {after:.3g}, cut {self.cuts} of {max_cuts}"
-                    )
-                    append_jsonl(
-                        output_dir / EVENTS_FILE,
-                        {"step": state.global_step, "action": "cut_lr", "reason": reason},
-                    )
-                    self.reference = loss
-                return control
-
-        return _Check()
-
-
-def run_recipe(recipe: Path, output_dir: Path, overrides: list[str], log: Path, extra_callback=None) -> dict:
-    """Train one recipe in this process, as `moe-finetune train` does (a guard halt is an outcome, not an
-    error); `extra_callback(output_dir)` makes a callback to add to the trainer (the retention prototype)."""
+def run_recipe(recipe: Path, output_dir: Path, overrides: list[str], log: Path) -> dict:
+    """Train one recipe in this process, as `moe-finetune train` does (a guard halt is an outcome, not an error)."""
     import contextlib
 
     from moe_finetune.errors import TrainingHalted
     from moe_finetune.recipe import load_recipe
-    from moe_finetune.train import build_trainer, run, save_adapter, start_run_directory
+    from moe_finetune.train import run
 
     start = time.perf_counter()
     halted = None
@@ -133,22 +85,7 @@ def run_recipe(recipe: Path, output_dir: Path, overrides: list[str], log: Path, 
         contextlib.redirect_stderr(handle),
     ):
         try:
-            if extra_callback is None:
-                run(settings, overwrite=True)
-            else:
-                from moe_finetune.callbacks.guard import EntropyGuard
-
-                trainer = build_trainer(settings)
-                start_run_directory(trainer, settings, output_dir, clear=True)
-                trainer.add_callback(extra_callback(output_dir))
-                trainer.train()
-                guard = next(
-                    (c for c in trainer.callback_handler.callbacks if isinstance(c, EntropyGuard)), None
-                )
-                if guard is not None and guard.halted is not None:
-                    halted = guard.halted.reason
-                else:
-                    save_adapter(trainer, output_dir / "adapter")
+            run(settings, overwrite=True)
         except TrainingHalted as halt:
             halted = str(halt)
     return {"seconds": time.perf_counter() - start, "halted": halted}
@@ -251,20 +188,23 @@ def main() -> None:
         "--no-train", action="store_true", help="measure the run directories an earlier call left in --out"
     )
     parser.add_argument(
-        "--retention-rise",
-        type=float,
-        default=0.01,
-        help="the prototype's cut line: retention loss this much up",
-    )
-    parser.add_argument(
         "--runs",
-        default="sane,off,on,frozen,retention",
-        help="which runs, of sane, off, on, frozen, retention",
+        default="sane,off,on,routing,frozen",
+        help="which runs, of sane, off, on, routing (the guard without its retention check), frozen",
     )
     parser.add_argument(
         "--set", dest="extra", action="append", default=[], help="one more override for every run"
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+        help="one more run: the guard-on arm with these overrides (e.g. rise05:guards.retention.cut_rise=0.005); "
+        "how the defaults were calibrated",
+    )
     opts = parser.parse_args()
+    opts.out = opts.out.resolve()  # the recipes resolve relative paths against their own folder
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -279,7 +219,7 @@ def main() -> None:
 
     torch.set_num_threads(opts.threads)
     corpus = stdlib_corpus()
-    data = write_datasets(corpus, opts.out, opts.domain)
+    data = write_datasets(corpus, opts.out, opts.domain, opts.per_domain)
     print(
         f"datasets: {data['broad']} ({BROAD_ROWS:,} rows), {data['domain']} ({len(corpus.select([opts.domain])):,} rows)"
     )
@@ -293,34 +233,31 @@ def main() -> None:
 
     steps = [f"training.max_steps={opts.steps}"] if opts.steps else []
     narrow = f"data.path={data['domain']}"
-    # the prototype's retention rows: held-out chunks of the other domains that forgetting is NOT measured on
-    retention = [
-        c
-        for d in domains
-        if d != opts.domain
-        for c in corpus.select([d], held_out=True)[opts.per_domain : opts.per_domain + 4]
-    ]
+    keep = f"guards.retention.data={data['retention']}"
     arms = {
-        "sane": (SANE, [f"data.path={data['broad']}"], None),
-        "off": (AGGRESSIVE, [narrow, "guards.enabled=false"], None),
-        "on": (AGGRESSIVE, [narrow], None),
-        # controls: the same recipe with the router frozen (is the forgetting routing's doing?), and
-        # with the guard design the results point to (a check on forgetting itself)
-        "frozen": (AGGRESSIVE, [narrow, "lora.router=false"], None),
-        "retention": (
-            AGGRESSIVE,
-            [narrow],
-            lambda run: RetentionCheck(tokenizer, retention, run, rise=opts.retention_rise),
-        ),
+        "sane": (SANE, [f"data.path={data['broad']}", keep]),
+        "off": (AGGRESSIVE, [narrow, "guards.enabled=false"]),
+        "on": (AGGRESSIVE, [narrow, keep]),
+        # controls: the guard without its retention check (routing alone, the guard this benchmark first
+        # measured), and the recipe with the router frozen (is the forgetting routing's doing?)
+        "routing": (AGGRESSIVE, [narrow, "guards.retention.data=null"]),
+        "frozen": (AGGRESSIVE, [narrow, keep, "lora.router=false"]),
     }
     labels = {
         "sane": "sane",
         "off": "aggressive, guard off",
         "on": "aggressive, guard on",
+        "routing": "aggressive, routing checks only",
         "frozen": "aggressive, router frozen, guard on",
-        "retention": "aggressive, guard on + retention check (prototype)",
     }
-    chosen = [name.strip() for name in opts.runs.split(",")]
+    chosen = [name.strip() for name in opts.runs.split(",") if name.strip()]
+    for variant in opts.variant:
+        name, _, settings = variant.partition(":")
+        if not name or not settings or name in arms:
+            parser.error(f"--variant {variant!r}: give NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME")
+        arms[name] = (AGGRESSIVE, [*arms["on"][1], *settings.split(",")])
+        labels[name] = f"aggressive, guard on, {settings}"
+        chosen.append(name)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {opts.threads} torch thread(s); "
         f"torch {torch.__version__}, transformers {transformers.__version__}; model {model_dir.name}; "
@@ -328,13 +265,13 @@ def main() -> None:
     )
     results = {}
     for name in chosen:
-        recipe, overrides, extra_callback = arms[name]
+        recipe, overrides = arms[name]
         run = opts.out / name
         if opts.no_train and (run / "routing.jsonl").is_file():
             outcome = {"seconds": math.nan, "halted": None}  # the run directory from an earlier call
         else:
             outcome = run_recipe(
-                recipe, run, [*overrides, *steps, *opts.extra], opts.out / f"{name}.log", extra_callback
+                recipe, run, [*overrides, *steps, *opts.extra], opts.out / f"{name}.log"
             )
         events = read_records(run / "guard_events.jsonl")
         records = read_records(run / "routing.jsonl")

@@ -443,6 +443,19 @@ def _shuffle_and_split(dataset: Any, section: DataSection) -> tuple[Any, Any | N
     return dataset.select(range(n_eval, len(dataset))), dataset.select(range(n_eval))
 
 
+def row_text(row: dict[str, Any], schema: str, tokenizer: Any) -> str:
+    """A normalised row as the text the model reads: the chat template where the tokenizer has one (the
+    profile and the guard's retention check read rows as training does)."""
+    if schema == "text":
+        return str(row["text"])
+    if schema == "prompt_completion":
+        return f"{row['prompt']}{row['completion']}"
+    messages = row["messages"]
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False))
+    return "\n".join(message["content"] for message in messages)
+
+
 def load_data(section: DataSection, path: Path) -> LoadedData:
     """Read, check, shuffle and split the dataset the recipe names."""
     if not path.exists():

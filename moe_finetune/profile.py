@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moe_finetune.data import LoadedData, load_data
+from moe_finetune.data import LoadedData, load_data, row_text
 from moe_finetune.errors import DataError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, find_routers, unwrap_model
 from moe_finetune.models.lora import layer_number
@@ -90,18 +90,6 @@ class RoutingProfile:
 
 # ------------------------------------------------------------------------------------------------
 # The sample: the recipe's rows as text, tokenized, batched
-
-
-def row_text(row: dict[str, Any], schema: str, tokenizer: Any) -> str:
-    """A training row as the text the model reads: the chat template where the tokenizer has one."""
-    if schema == "text":
-        return str(row["text"])
-    if schema == "prompt_completion":
-        return f"{row['prompt']}{row['completion']}"
-    messages = row["messages"]
-    if getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template(messages, tokenize=False))
-    return "\n".join(message["content"] for message in messages)
 
 
 def sample_token_ids(data: LoadedData, tokenizer: Any, samples: int, max_length: int | None) -> list[list[int]]:

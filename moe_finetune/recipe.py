@@ -383,6 +383,12 @@ def check_files(recipe: Recipe) -> None:
         )
     if recipe.model.config is not None and not recipe.resolve_path(recipe.model.config).exists():
         raise RecipeError(f"model.config: {recipe.resolve_path(recipe.model.config)} does not exist")
+    retention = recipe.guards.retention.data
+    if recipe.guards.enabled and retention is not None and not recipe.resolve_path(retention).exists():
+        raise RecipeError(
+            f"guards.retention.data: {recipe.resolve_path(retention)} does not exist (relative paths are relative "
+            f"to the recipe file's folder {recipe.base_dir})"
+        )
 
 
 def recipe_warnings(recipe: Recipe) -> list[str]:

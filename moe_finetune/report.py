@@ -40,6 +40,7 @@ from moe_finetune.rundir import (
     KEPT_CHECKPOINT_DIR,
     REPORT_FILE,
     RESOLVED_RECIPE_FILE,
+    RETENTION_FILE,
     ROUTING_FILE,
     RUN_SUMMARY_FILE,
     checkpoint_steps,
@@ -107,6 +108,7 @@ class RunData:
     checkpoints: list[int]
     has_adapter: bool
     notes: list[str] = field(default_factory=list)  # what could not be read, said in the report
+    retention: list[dict[str, Any]] = field(default_factory=list)  # retention.jsonl: the guard's retention checks
 
     @property
     def name(self) -> str:
@@ -187,6 +189,10 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
     events = list(read_jsonl(path / EVENTS_FILE, skipped_events))
     if skipped_events:
         notes.append(_skipped_note(EVENTS_FILE, skipped_events, len(events)))
+    skipped_checks: list[int] = []
+    retention = [r for r in read_jsonl(path / RETENTION_FILE, skipped_checks) if isinstance(r.get("step"), int)]
+    if skipped_checks:
+        notes.append(_skipped_note(RETENTION_FILE, skipped_checks, len(retention)))
     return RunData(
         run_dir=path,
         recipe=recipe,
@@ -196,6 +202,7 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
         checkpoints=checkpoint_steps(path),
         has_adapter=(path / ADAPTER_DIR).is_dir(),
         notes=notes,
+        retention=retention,
     )
 
 
@@ -588,7 +595,9 @@ def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Repo
         figures[ENTROPY_PLOT] = plots.entropy_figure(series, marks, run.baseline_steps, run.halt_balance_drop)
     steps, lr, loss = _lr_and_loss(run)
     if len(steps):
-        figures[TRAINING_PLOT] = plots.training_figure(steps, lr, loss, marks, series)
+        checks = [(r["step"], _number(r.get("loss"))) for r in run.retention]
+        retention = (np.array([s for s, _ in checks], dtype=float), np.array([v for _, v in checks])) if checks else None
+        figures[TRAINING_PLOT] = plots.training_figure(steps, lr, loss, marks, series, retention)
     labels: list[str] = []
     if other is not None:
         labels = _compare_labels(run, other)
@@ -671,8 +680,9 @@ def render_markdown(
         "first, coloured as in the heatmap; dots are the same expert at the start, crosses the dead ones.",
         ENTROPY_PLOT: "Both entropies the guard watches. Routing entropy falls when routers get confident "
         "(specialisation does that too); balance falls when the load concentrates on few experts (collapse).",
-        TRAINING_PLOT: "Learning rate with the guard's cuts, training loss, and drift (share of probe tokens "
-        "whose top-k experts changed since the start).",
+        TRAINING_PLOT: "Learning rate with the guard's cuts, training loss (and, with the guard's retention check, "
+        "the loss on the retention rows), and drift (share of probe tokens whose top-k experts changed since the "
+        "start).",
         COMPARE_PLOT: "The compared runs side by side.",
     }
     plotted = [name for name in figures if name != COMPARE_PLOT]
@@ -743,7 +753,28 @@ def _facts(run: RunData) -> list[str]:
             f"- **Routing:** {series.num_layers} MoE layers x {series.num_experts} experts; "
             + _routing_words(series)
         )
+    if run.retention:
+        facts.append(f"- **Retention:** {_retention_words(run)}")
     return facts
+
+
+def _retention_words(run: RunData) -> str:
+    """The guard's retention check in words: the loss on the rows the model should keep knowing."""
+    checks = [r for r in run.retention if isinstance(r.get("loss"), (int, float))]
+    if not checks:
+        return f"no finite retention loss in {RETENTION_FILE}"
+    first, last = checks[0], checks[-1]
+    base = first.get("base") if isinstance(first.get("base"), (int, float)) else first["loss"]
+    worst = max(checks, key=lambda r: r["loss"])
+    cuts = sum(
+        1 for e in run.events if e.get("action") == "cut_lr" and str((e.get("details") or {}).get("check", "")).startswith("retention")
+    )
+    when = "before any update" if first["step"] == 0 else f"at step {first['step']}"
+    return (
+        f"loss on the retention rows {first['loss']:.4g} {when} -> {last['loss']:.4g} at step {last['step']} "
+        f"({last['loss'] / base - 1:+.1%} against the base model's {base:.4g}; highest {worst['loss'] / base - 1:+.1%} "
+        f"at step {worst['step']}), {cuts} retention cut{'s' * (cuts != 1)}, {len(checks)} checks in {RETENTION_FILE}"
+    )
 
 
 def _routing_words(series: RoutingSeries) -> str:

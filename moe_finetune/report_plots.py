@@ -73,6 +73,7 @@ def _panels(
     legend: bool = False,
     sharex: bool = False,
     gap: float = 0.65,
+    right_axis: bool = False,
 ) -> tuple[Any, list[Any]]:
     """A figure of rows x cols axes with fixed margins in inches (a computed layout: matplotlib's
     constrained layout measures every tick label, which was a third of a report's time on 16 layers).
@@ -83,7 +84,7 @@ def _panels(
     from matplotlib.figure import Figure
 
     top, bottom, left = 0.55, 0.55 + (0.35 if legend else 0.0), 0.85
-    right = 1.35 if colorbar else 0.3
+    right = 1.35 if colorbar else 0.7 if right_axis else 0.3  # right_axis: tick labels of a twinx
     height = top + bottom + rows * panel_height + (rows - 1) * gap
     column_gap = 0.75
     panel_width = (WIDTH - left - right - (cols - 1) * column_gap) / cols
@@ -448,9 +449,12 @@ def training_figure(
     loss: np.ndarray,
     marks: dict[str, list[int]],
     series: RoutingSeries | None = None,
+    retention: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Any:
-    """Learning rate (with the guard's cuts), training loss and routing drift over steps."""
-    fig, axes = _panels(3, 1, 1.75, legend=any(marks.values()), sharex=True, gap=0.35)
+    """Learning rate (with the guard's cuts), training loss (and the retention loss, on its own scale: a
+    rise there is forgetting while the training loss falls) and routing drift over steps."""
+    with_retention = retention is not None and bool(np.isfinite(retention[1]).any())
+    fig, axes = _panels(3, 1, 1.75, legend=any(marks.values()), sharex=True, gap=0.35, right_axis=with_retention)
     ax_lr, ax_loss, ax_drift = axes
     dots = "." if len(steps) <= 60 else None
     # a record's rate is the one its logging window trained at (the guard cuts at the window's end)
@@ -467,8 +471,18 @@ def training_figure(
         )
     ax_lr.set_ylabel("learning rate")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    ax_loss.plot(steps, loss, color="C1", marker=dots)
+    (trained,) = ax_loss.plot(steps, loss, color="C1", marker=dots, label="training loss")
     ax_loss.set_ylabel("training loss")
+    if with_retention:
+        from matplotlib.ticker import FormatStrFormatter
+
+        ax_kept = ax_loss.twinx()
+        (kept,) = ax_kept.plot(
+            retention[0], retention[1], color="C2", marker=".", linewidth=1.2, label="retention loss (right axis)"
+        )
+        ax_kept.tick_params(axis="y", colors="C2", labelsize=8)
+        ax_kept.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+        ax_kept.legend(handles=[trained, kept], fontsize=8, loc="best", framealpha=0.85)  # above both lines
     if series is not None and np.isfinite(series.drift).any():
         keep = np.isfinite(series.drift)
         ax_drift.plot(series.steps[keep], series.drift[keep], "k.-", label="all layers", linewidth=1.6)

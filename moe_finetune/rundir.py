@@ -19,6 +19,8 @@ RESOLVED_RECIPE_FILE = "recipe.resolved.yaml"
 ROUTING_FILE = "routing.jsonl"
 ROUTING_PROBE_FILE = "routing_probe.pt"  # the drift probe's routing at the start of the run
 EVENTS_FILE = "guard_events.jsonl"
+# The guard's retention check: the loss on the retention rows at each check (step, loss, base, rise, action).
+RETENTION_FILE = "retention.jsonl"
 REPORT_FILE = "report.md"  # the run report (moe_finetune/report.py), its PNG plots beside it
 # What `train` knew of the run (recipe file, dataset size, planned steps, how it ended): the report reads it.
 RUN_SUMMARY_FILE = "run_summary.json"

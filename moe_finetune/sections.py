@@ -238,6 +238,62 @@ class MonitorSection(Section):
     )
 
 
+class RetentionConfig(Section):
+    """The recipe's `guards.retention:` section: watch forgetting itself, on rows unlike the fine-tune's.
+
+    Measured on a pretrained MoE (README, "Does the guard protect a trained model from forgetting?"):
+    what a too-aggressive fine-tune destroys is what the model knew, and its routing can stay flat while
+    that happens (router frozen), so no routing threshold sees it. The loss on a small set of rows the
+    model should keep knowing does.
+    """
+
+    data: str | None = Field(
+        None,
+        description="Rows the model should keep knowing (general text, the pretraining mix, earlier tasks), "
+        "in any format data.path takes, with the data section's field names; relative to the recipe file. "
+        "null (default) = no retention check.",
+    )
+    rows: int = Field(96, ge=1, description="How many rows of that file are evaluated at each check (the first N).")
+    every: int = Field(
+        1, ge=1, description="Logging steps between checks; the first check is before the first update."
+    )
+    batch_size: int | None = Field(
+        None, ge=1, description="Rows per forward pass; default: training.per_device_train_batch_size."
+    )
+    max_length: int | None = Field(
+        None, ge=2, description="Tokens per row at most; default: training.max_length (else 1024)."
+    )
+    cut_rise: float = Field(
+        0.0075,
+        gt=0,
+        lt=1,
+        description="Cut the learning rate (by guards.cut_factor) when the retention loss has risen this "
+        "fraction above where it stood before the first update or at the last retention cut (0.0075 = 0.75%).",
+    )
+    max_cuts: int = Field(
+        4, ge=0, description="Most learning-rate cuts the retention check makes (its own budget)."
+    )
+    halt_rise: float | None = Field(
+        0.10,
+        gt=0,
+        description="Halt when the retention loss stands this fraction above the base model's (0.10 = 10%): "
+        "forgetting no cut has held back; null = never halt on it.",
+    )
+
+    @model_validator(mode="after")
+    def _halt_above_cut(self) -> RetentionConfig:
+        if self.halt_rise is not None and self.halt_rise <= self.cut_rise:
+            raise ValueError(
+                f"halt_rise ({self.halt_rise}) must be greater than cut_rise ({self.cut_rise}): a halt is the "
+                "deeper rise, so a cut gets the chance to act first"
+            )
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None
+
+
 class GuardConfig(Section):
     """The recipe's `guards:` section: when the routing guards cut the learning rate or halt training.
 
@@ -365,6 +421,10 @@ class GuardConfig(Section):
     halt_on_nonfinite: bool = Field(
         True,
         description="Halt on any NaN or infinite router output; when false such a logging step is skipped.",
+    )
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig,
+        description="The retention check: the loss on rows the model should keep knowing, cut and halt on its rise.",
     )
 
     @model_validator(mode="before")

@@ -121,7 +121,26 @@ def sft_config(recipe: Recipe, output_dir: Path, **extra: Any) -> Any:
         raise RecipeError(f"training: SFTConfig rejected the section: {err}") from None
 
 
-def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo) -> list[Any]:
+def retention_set(recipe: Recipe, tokenizer: Any) -> Any | None:
+    """The rows `guards.retention.data` names, tokenised as training reads them (None: no retention check).
+    Read before training, so a bad file fails the run (exit 2) before its first step."""
+    settings = recipe.guards.retention
+    if not recipe.guards.enabled or settings.data is None:
+        return None
+    from moe_finetune.callbacks.retention import DEFAULT_MAX_LENGTH, RetentionSet
+
+    training = recipe.training_args()
+    return RetentionSet.from_file(
+        recipe.resolve_path(settings.data),
+        tokenizer,
+        rows=settings.rows,
+        max_length=settings.max_length or training.get("max_length") or DEFAULT_MAX_LENGTH,
+        batch_size=settings.batch_size or int(training.get("per_device_train_batch_size", 8)),
+        fields=recipe.data,
+    )
+
+
+def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo, retention: Any | None = None) -> list[Any]:
     """The routing callbacks the recipe's `monitor:` and `guards:` sections ask for, monitor first."""
     from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.monitor import RoutingMonitor
@@ -139,7 +158,9 @@ def make_callbacks(recipe: Recipe, output_dir: Path, echo: Echo) -> list[Any]:
         )
         callbacks.append(monitor)
     if recipe.guards.enabled:
-        callbacks.append(EntropyGuard(recipe.guards, monitor=monitor, output_dir=output_dir, echo=echo))
+        callbacks.append(
+            EntropyGuard(recipe.guards, monitor=monitor, output_dir=output_dir, echo=echo, retention=retention)
+        )
     return callbacks
 
 
@@ -243,7 +264,7 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         say(line)
     if aux.problems:
         raise RecipeError("aux loss set-up: " + " ".join(aux.problems))
-    callbacks = make_callbacks(recipe, output_dir, say)
+    callbacks = make_callbacks(recipe, output_dir, say, retention_set(recipe, tokenizer))
     if size_override is not None:
         # Training goes ahead below the field's minimum: said loudly at train begin and recorded in
         # guard_events.jsonl, so the run directory tells the truth about it later.
@@ -438,8 +459,10 @@ def run(
         events = list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
         earlier = trouble_checkpoint(output_dir, events)
         where = f"--resume {earlier}" if earlier is not None else "--resume"
+        check = str(guard.halted.details.get("check", ""))
+        who = "the guard's retention check" if check.startswith("retention") else "the routing guard"
         raise TrainingHalted(
-            f"training halted by the routing guard at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
+            f"training halted by {who} at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "
             f"events: {output_dir / EVENTS_FILE}. To go on with a lower learning rate: "
             f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))} {where} "

@@ -46,6 +46,13 @@ def validate_recipe(
 
         data, _ = load_training_data(recipe)  # refused (exit 3) exactly as `train` would refuse it
         report.lines.append(f"data: {data.num_train:,} training examples ({data.schema}) in {data.path}")
+        retention = recipe.guards.retention
+        if recipe.guards.enabled and retention.data is not None:
+            from moe_finetune.callbacks.retention import retention_texts
+
+            path = recipe.resolve_path(retention.data)
+            texts = retention_texts(path, None, rows=retention.rows, fields=recipe.data)
+            report.lines.append(f"retention check: {len(texts):,} rows of {path}")
 
     config = recipe_model_config(recipe)
     family = family_for_config(config)

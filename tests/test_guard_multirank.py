@@ -45,8 +45,13 @@ _SCRIPT = textwrap.dedent(
     guard = next(c for c in made if type(c).__name__ == "EntropyGuard")
     rank = int(os.environ["RANK"])
     events = [{k: e[k] for k in ("step", "action", "lr_before", "lr_after")} for e in guard.events]
+    state = guard.policy.state_dict()
+    retention = {k: v for k, v in state.items() if k.startswith("retention_")}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
-        json.dump({"events": events, "halted": halted, "world": int(os.environ["WORLD_SIZE"])}, handle)
+        json.dump(
+            {"events": events, "halted": halted, "world": int(os.environ["WORLD_SIZE"]), "retention": retention},
+            handle,
+        )
     """
 )
 
@@ -59,7 +64,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
+def _launch(tmp_path: Path, *overrides: str) -> list[dict]:
+    """demo-sharpening for 200 steps on two DDP ranks; what each rank's guard saw and did."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is part of the install"
     script = tmp_path / "ranks.py"
@@ -83,11 +89,17 @@ def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
         str(REPO / "recipes" / "demo-sharpening.yaml"),
         str(tmp_path),
         "training.max_steps=200",
+        *overrides,
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
+    return ranks
+
+
+def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
+    ranks = _launch(tmp_path)
     assert ranks[0]["events"] == ranks[1]["events"]
     actions = [e["action"] for e in ranks[0]["events"]]
     assert "cut_lr" in actions
@@ -95,3 +107,25 @@ def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
     # Only rank 0 writes the run's files: one line per action, not one per rank.
     written = (tmp_path / "run" / "guard_events.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in written] == [e["step"] for e in ranks[0]["events"]]
+
+
+def test_both_ranks_take_the_same_retention_decisions(tmp_path: Path) -> None:
+    """The retention check on two ranks: each evaluates every row, the mean over ranks decides, so the base,
+    the reference, the cuts and every event agree; rank 0 alone writes retention.jsonl."""
+    from moe_finetune.models.corpus import retention_chunks, stdlib_corpus, write_rows
+
+    # stdlib source, unlike the demo's instructions; a line this tight cuts on the smallest rise
+    keep = write_rows(tmp_path / "keep.jsonl", retention_chunks(stdlib_corpus(), "email", skip=0, per_domain=1))
+    ranks = _launch(
+        tmp_path,
+        f"guards.retention.data={keep}",
+        "guards.retention.rows=16",
+        "guards.retention.cut_rise=0.001",
+        "guards.retention.every=2",
+    )
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert ranks[0]["retention"] == ranks[1]["retention"]
+    assert ranks[0]["retention"]["retention_base"] > 0
+    checks = [json.loads(line) for line in (tmp_path / "run" / "retention.jsonl").read_text().splitlines()]
+    assert checks[0]["step"] == 0 and len({c["step"] for c in checks}) == len(checks)  # one line per check
+    assert checks[-1]["step"] == ranks[0]["retention"]["retention_last_step"]

@@ -19,6 +19,7 @@ from moe_finetune.models.corpus import (
     Chunk,
     chunk_text,
     read_corpus,
+    retention_chunks,
     spread,
     stdlib_corpus,
     write_rows,
@@ -167,6 +168,10 @@ def guard_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "broad": write_rows(folder / "broad.jsonl.gz", spread(corpus.select(), 12_000)),
         "email": write_rows(folder / "email.jsonl.gz", corpus.select(["email"])),
+        # the benchmark's retention rows: held-out chunks of the other domains, past the 64 it measures on
+        "retention": write_rows(
+            folder / "retention.jsonl.gz", retention_chunks(corpus, "email", skip=64, per_domain=4)
+        ),
     }
 
 
@@ -216,26 +221,61 @@ def test_pretraining_peaks_the_routers_and_the_loss_falls(trained_mixtral: Path)
 
 @pytest.mark.slow
 def test_a_sane_fine_tune_of_the_trained_model_makes_no_guard_action(trained_mixtral, guard_data, tmp_path):
+    """The guard at its defaults, the retention check included: a sane fine-tune forgets nothing to act on."""
     run = tmp_path / "sane"
-    code, out = _train(SANE, f"data.path={guard_data['broad']}", f"output_dir={run}", "training.max_steps=40")
+    code, out = _train(
+        SANE,
+        f"data.path={guard_data['broad']}",
+        f"guards.retention.data={guard_data['retention']}",
+        f"output_dir={run}",
+        "training.max_steps=40",
+    )
     assert code == 0, out[-3000:]
     assert _actions(run) == [], out[-3000:]
     assert "done: 40 steps" in out
+    checks = [json.loads(line) for line in (run / "retention.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    assert max(c["rise"] for c in checks) < 0.01
+    assert "[guard] retention check: " in out and "before any update" in out
+    assert "**Retention:** loss on the retention rows" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_an_aggressive_fine_tune_of_the_trained_model_is_caught_before_its_last_step(
+def test_an_aggressive_fine_tune_of_the_trained_model_is_caught_by_the_retention_check_at_once(
     trained_mixtral, guard_data, tmp_path
 ):
-    """Routers trained at 5e-3 without a balancing loss on one package: on the trained model the load stays
-    spread (no halt), but routing sharpens fast and the guard cuts the rate (the benchmark, at 300 steps:
-    at step 35, pooled routing entropy 11% below its baseline; 10.7-11.7% at steps 45-50)."""
+    """Routers trained at 5e-3 without a balancing loss on one package: the other packages' loss is 1% up
+    after five steps (the benchmark: first cut at step 5, then 40, 115, 245), long before routing moves."""
     run = tmp_path / "aggressive"
     code, out = _train(
-        AGGRESSIVE, f"data.path={guard_data['email']}", f"output_dir={run}", "training.max_steps=55"
+        AGGRESSIVE,
+        f"data.path={guard_data['email']}",
+        f"guards.retention.data={guard_data['retention']}",
+        f"output_dir={run}",
+        "training.max_steps=20",
     )
     assert code == 0, out[-3000:]
     actions = _actions(run)
-    assert actions and actions[0]["action"] == "cut_lr" and actions[0]["step"] < 55, out[-3000:]
+    assert actions and actions[0]["action"] == "cut_lr" and actions[0]["step"] <= 10, out[-3000:]
+    assert actions[0]["details"]["check"] == "retention_cut"
+    assert "the model is forgetting what it knew" in actions[0]["reason"]
+    assert actions[0]["lr_after"] == pytest.approx(2.5e-3)
+
+
+@pytest.mark.slow
+def test_without_the_retention_check_the_routing_checks_catch_the_aggressive_fine_tune_before_its_last_step(
+    trained_mixtral, guard_data, tmp_path
+):
+    """The routing checks alone: on the trained model the load stays spread (no halt), but routing sharpens
+    fast and the guard cuts the rate: pooled routing entropy 11-12% below its baseline at step 35 on the
+    machine the benchmark first ran on, at step 55 on an AMD EPYC. The pretraining is deterministic on one
+    machine, but CPUs with other float kernels build slightly different weights, so the step is not pinned."""
+    run = tmp_path / "aggressive"
+    code, out = _train(
+        AGGRESSIVE, f"data.path={guard_data['email']}", f"output_dir={run}", "training.max_steps=90"
+    )
+    assert code == 0, out[-3000:]
+    actions = _actions(run)
+    assert actions and actions[0]["action"] == "cut_lr" and actions[0]["step"] < 90, out[-3000:]
     assert "routing entropy" in actions[0]["reason"]
     assert actions[0]["lr_after"] == pytest.approx(2.5e-3)

@@ -12,7 +12,11 @@ The policy (`routing/policy.py`) decides from numbers alone; this adapter only a
   Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run always has a
   healthy point to go back to (a first cut with no checkpoint yet saves one at that step);
 - every action is logged as `routing/guard_action` (1 cut, 2 halt, 3 settled), appended to
-  `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line.
+  `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line;
+- with `guards.retention.data` (or a RetentionSet given), the retention check: the loss on rows the model
+  should keep knowing, measured before the first update and at every `retention.every`-th logging step
+  (callbacks/retention.py), judged by the same policy (its check 8), logged as `retention/loss` and
+  `retention/rise` and written to `retention.jsonl`; its cuts and halts are guard actions like the others.
 
 Decisions depend only on metrics that the monitor has all-reduced across processes, so every rank
 takes the same decision at the same step; only rank 0 writes files.
@@ -33,9 +37,11 @@ from transformers.trainer_callback import ExportableState
 
 from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, peak_learning_rate, scale_learning_rate
 from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot, load_limit_problem
+from moe_finetune.routing.reasons import percent
 from moe_finetune.rundir import (
     EVENTS_FILE,
     KEPT_CHECKPOINT_DIR,
+    RETENTION_FILE,
     append_jsonl,
     keep_records_up_to,
 )
@@ -99,6 +105,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
     (in either order of `callbacks=[...]`); with no monitor at all it runs one of its own.
     After a halt it writes the run report into the output directory (`report_on_halt`; `moe-finetune
     train` turns it off because it writes the report itself at every end of a run).
+    With `config.retention.data` (or `retention=RetentionSet(...)`) it also watches forgetting: the loss
+    on those rows, cut on its rise and halted at its limit (module docstring).
     """
 
     def __init__(
@@ -108,8 +116,15 @@ class EntropyGuard(TrainerCallback, ExportableState):
         output_dir: str | Path | None = None,
         echo: Callable[[str], None] | None = print,
         report_on_halt: bool = True,
+        retention: Any | None = None,
     ) -> None:
         self.config = config if isinstance(config, GuardConfig) else GuardConfig(**(config or {}))
+        # The retention rows (a callbacks.retention.RetentionSet): given, or read at train begin from
+        # config.retention.data with the Trainer's tokenizer.
+        self.retention = retention
+        self._retention_given = retention is not None
+        self._model: Any = None
+        self._windows = 0  # logging windows judged since train begin: retention.every counts them
         self.policy = GuardPolicy(self.config)
         self.monitor = monitor
         self._owns_monitor = False
@@ -242,7 +257,75 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
         if self.requested_lr is None:
             self.requested_lr = float(args.learning_rate)
+        self._model, self._windows = model, 0
+        if self.config.enabled and (self.config.retention.enabled or self._retention_given) and model is not None:
+            self._start_retention(args, state, model, kwargs.get("processing_class"))
         return control
+
+    def _start_retention(self, args: Any, state: Any, model: Any, tokenizer: Any) -> None:
+        """Read the retention rows (unless given) and, on a fresh run, measure the base loss before any update."""
+        settings = self.config.retention
+        if self.retention is None:
+            from moe_finetune.callbacks.retention import DEFAULT_MAX_LENGTH, RetentionSet
+
+            if tokenizer is None:
+                raise ValueError(
+                    "EntropyGuard: guards.retention.data needs the tokenizer; the Trainer passes it as processing_class"
+                )
+            self.retention = RetentionSet.from_file(
+                settings.data,
+                tokenizer,
+                rows=settings.rows,
+                max_length=settings.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH,
+                batch_size=settings.batch_size or int(args.per_device_train_batch_size),
+            )
+        if self.is_main:
+            keep_records_up_to(self.output_dir / RETENTION_FILE, int(state.global_step))
+        if self.policy.state.retention_base is not None:
+            return  # resumed: the base loss of the fresh start came back with the guard's state
+        self._check_retention(state, None)
+        if self.echo is not None and self.is_main:
+            rows, tokens = len(self.retention.rows), self.retention.tokens
+            halt = f", halts {percent(settings.halt_rise)} above it" if settings.halt_rise is not None else ""
+            every = "every logging step" if settings.every == 1 else f"every {settings.every} logging steps"
+            step = int(state.global_step)
+            when = "before any update" if step == 0 else f"at step {step} (a checkpoint without a retention base)"
+            self.echo(
+                f"[guard] retention check: {rows} rows ({tokens:,} tokens) of {self.retention.source}, loss "
+                f"{self.policy.state.retention_base:.3f} {when} ({self.retention.last_seconds:.1f} s a "
+                f"check), {every}; cuts the learning rate {percent(settings.cut_rise)} above it or the last cut "
+                f"(at most {settings.max_cuts}){halt}"
+            )
+
+    def _check_retention(self, state: Any, control: Any, *, cut_this_step: bool = False) -> None:
+        """Measure the retention loss now (every rank) and act on the policy's answer."""
+        assert self.retention is not None and self._model is not None
+        step = int(state.global_step)
+        loss = self.retention.loss(self._model)
+        lr = peak_learning_rate(self.optimizer, self.scheduler) if self.optimizer is not None else 0.0
+        action = self.policy.retention(step, loss, lr, cut_this_step=cut_this_step)
+        base = self.policy.state.retention_base
+        rise = loss / base - 1 if base and math.isfinite(loss) else math.nan
+        if control is not None:  # the base measurement (before the first step) is in retention.jsonl only
+            self._pending_log["retention/loss"] = loss
+            self._pending_log["retention/rise"] = rise
+        if self.is_main and self.output_dir is not None:
+            append_jsonl(
+                self.output_dir / RETENTION_FILE,
+                {
+                    "step": step,
+                    "loss": loss,
+                    "base": base,
+                    "rise": rise,
+                    "reference": self.policy.state.retention_reference,
+                    "lr": float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else None,
+                    "action": action.kind,
+                    "check": action.details.get("check"),
+                    "seconds": self.retention.last_seconds,
+                },
+            )
+        if control is not None and action.kind in ("cut_lr", "halt"):
+            self._act(action, step, state, control, None)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self._begin is not None:
@@ -289,8 +372,14 @@ class EntropyGuard(TrainerCallback, ExportableState):
         )
         if action.details.get("unreachable_load_layers"):
             self._record("warning", action.reason, state, action, None, None, metrics)
-        if action.kind == "none":
-            return
+        if action.kind != "none":
+            self._act(action, step, state, control, metrics)
+        self._windows += 1
+        if self.retention is not None and action.kind != "halt" and self._windows % self.config.retention.every == 0:
+            self._check_retention(state, control, cut_this_step=action.kind == "cut_lr")
+
+    def _act(self, action: GuardAction, step: int, state: Any, control: Any, metrics: Any) -> None:
+        """Carry out a cut, a halt or a `settled` finding, of the routing checks or the retention check."""
         self._pending_log["routing/guard_action"] = float(ACTION_CODES[action.kind])
         if action.kind in ("cut_lr", "halt"):
             self._keep_healthy_checkpoint(step, action.kind, control)

@@ -187,6 +187,18 @@ def spread(chunks: Sequence[Chunk], count: int) -> list[Chunk]:
     return [chunks[i * len(chunks) // count] for i in range(count)]
 
 
+def retention_chunks(corpus: Corpus, exclude: str, *, skip: int, per_domain: int) -> list[Chunk]:
+    """Held-out chunks of every domain but `exclude` (the fine-tune's), `per_domain` of each after its first
+    `skip` (the ones forgetting is measured on): rows the guard's retention check can watch without ever
+    seeing those it is judged by. A domain with `skip` held-out chunks or fewer gives none."""
+    return [
+        chunk
+        for domain in corpus.domains
+        if domain != exclude
+        for chunk in corpus.select([domain], held_out=True)[skip : skip + per_domain]
+    ]
+
+
 def rows(chunks: Sequence[Chunk]) -> list[dict[str, Any]]:
     """Training rows as the project's data loader reads them: `text`, plus `domain` and `source` to trace them."""
     return [{"text": c.text, "domain": c.domain, "source": f"{c.path}#{c.index}"} for c in chunks]

@@ -83,6 +83,10 @@ _ADDED_STATE_FIELDS = {
     "level_at_last_cut",
     "settled_step",
     "reseed_reference",
+    "retention_base",
+    "retention_reference",
+    "retention_cuts",
+    "retention_last_step",
 }
 
 
@@ -111,6 +115,12 @@ class GuardState:
     settled_step: int | None = None  # when the run was found settled after its last cut
     # Restored from a checkpoint written before `recent` existed: the next step seeds the reference.
     reseed_reference: bool = False
+    # The retention check (guards.retention): the loss on the retention rows before the first update, where
+    # it stood at the last retention cut (a cut is answered by a further rise from there), the cuts it made
+    retention_base: float | None = None
+    retention_reference: float | None = None
+    retention_cuts: int = 0
+    retention_last_step: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""

@@ -24,6 +24,13 @@ reads. The checks, in order:
    it "continues" when it falls `continue_drop` further below where it stood at the last cut -> halt;
    otherwise the run has settled below its baseline -> one `settled` event, and it runs on
 
+and, apart from routing, the retention check (`retention`, when `guards.retention.data` names rows the
+model should keep knowing; the adapter measures their loss, the policy judges it):
+
+8. the retention loss before the first update is the base; a loss `retention.halt_rise` above it -> halt;
+   one `retention.cut_rise` above where it stood at the start or at the last retention cut -> cut the LR
+   (its own budget, `retention.max_cuts`; at most one cut per logging step, whichever check makes it)
+
 Two entropies, because sharpening is not collapse (README, "What the guards do"): *routing entropy*
 (`routing/entropy`, the mean per-token entropy of the router's distribution) falls when routers get
 confident, which healthy specialisation also does; *balance* (`routing/balance`, the entropy of a
@@ -107,7 +114,14 @@ class GuardPolicy:
         The last judged step stays (no step is judged twice) and so does the multiplier: the cuts
         already made are still in the learning rate the resumed run trains with.
         """
-        self.state = GuardState(last_step=self.state.last_step, multiplier=self.state.multiplier)
+        old = self.state
+        self.state = GuardState(
+            last_step=old.last_step,
+            multiplier=old.multiplier,
+            # the base model's retention loss stays the truth; the cuts and the reference start over
+            retention_base=old.retention_base,
+            retention_last_step=old.retention_last_step,
+        )
 
     # ------------------------------------------------------------------ the decision
 
@@ -504,6 +518,82 @@ class GuardPolicy:
     def _unbalanced_layers(self, snapshot: RoutingSnapshot) -> list[dict[str, Any]]:
         """Layers whose balance (load-share entropy) fell `halt_balance_drop` below its baseline."""
         return self._balance_below(snapshot, self.config.halt_balance_drop)
+
+    # ------------------------------------------------------------------ the retention check
+
+    def retention(self, step: int, loss: float, current_lr: float, *, cut_this_step: bool = False) -> GuardAction:
+        """Judge the retention loss measured at `step`. `cut_this_step`: the routing checks already cut the
+        learning rate at this step, which answers a rise too (one cut per logging step)."""
+        finding = self.decide_retention(step, loss, current_lr, cut_this_step=cut_this_step)
+        return GuardAction(
+            finding.kind,
+            reasons.describe(finding.facts, self.config, step),
+            factor=finding.factor,
+            step=step,
+            details={key: value for key, value in finding.facts.items() if not key.startswith("_")},
+        )
+
+    def decide_retention(self, step: int, loss: float, current_lr: float, *, cut_this_step: bool = False) -> Finding:
+        """Check 8 (module docstring): the first measurement is the base; then halt at `halt_rise` above it,
+        cut at `cut_rise` above the last reference. Forgetting does not heal by itself at a lower learning
+        rate, so the reference moves to the level of each cut: every further `cut_rise` costs one more cut."""
+        cfg, state = self.config.retention, self.state
+        if not math.isfinite(current_lr) or current_lr < 0:
+            raise ValueError(f"current_lr must be a finite number >= 0, got {current_lr}")
+        if state.retention_last_step is not None and step <= state.retention_last_step:
+            return Finding("none", {"check": "replay", "_last_step": state.retention_last_step})
+        state.retention_last_step = step
+        if not math.isfinite(loss):
+            facts = {"check": "retention_non_finite", "loss": loss}
+            return Finding("halt" if self.config.halt_on_nonfinite else "none", facts)
+        if loss <= 0:
+            raise ValueError(f"retention loss must be > 0 (a mean cross-entropy), got {loss} at step {step}")
+        if state.retention_base is None:
+            state.retention_base = state.retention_reference = float(loss)
+            return Finding("none", {"check": "retention_base", "loss": loss, "first_step": step})
+        if state.retention_reference is None:  # a fresh episode after a resumed halt: measured from here
+            state.retention_reference = float(loss)
+        base, reference = state.retention_base, state.retention_reference
+        facts: dict[str, Any] = {
+            "loss": loss,
+            "base": base,
+            "rise": loss / base - 1,
+            "reference": reference,
+            "rise_since": loss / reference - 1,
+            "reference_is_base": math.isclose(reference, base, rel_tol=1e-12) and state.retention_cuts == 0,
+            "cuts_made": state.retention_cuts,
+            "max_cuts": cfg.max_cuts,
+        }
+        if cfg.halt_rise is not None and facts["rise"] >= cfg.halt_rise - _SLACK:
+            return Finding("halt", {"check": "retention_halt", "halt_rise": cfg.halt_rise, **facts})
+        if facts["rise_since"] < cfg.cut_rise - _SLACK:
+            return Finding("none", {"check": "retention_ok", "cut_rise": cfg.cut_rise, **facts})
+        if cut_this_step:
+            state.retention_reference = float(loss)  # the routing cut answers this rise too
+            return Finding("none", {"check": "retention_cut_by_routing", "cut_rise": cfg.cut_rise, **facts})
+        at_min_lr = current_lr <= self.config.min_lr or math.isclose(current_lr, self.config.min_lr, rel_tol=1e-9)
+        if state.retention_cuts >= cfg.max_cuts or at_min_lr:
+            return Finding(
+                "none",
+                {"check": "retention_no_cut_left", "cut_rise": cfg.cut_rise, "at_min_lr": at_min_lr, **facts},
+            )
+        factor = self.config.cut_factor
+        clipped = current_lr * factor < self.config.min_lr
+        if clipped:
+            factor = self.config.min_lr / current_lr
+        state.retention_cuts += 1
+        state.retention_reference = float(loss)
+        state.multiplier *= factor
+        facts.update(
+            check="retention_cut",
+            cut_rise=cfg.cut_rise,
+            lr_before=current_lr,
+            lr_after=current_lr * factor,
+            factor=factor,
+            clipped_to_min_lr=clipped,
+            cut=state.retention_cuts,
+        )
+        return Finding("cut_lr", facts, factor=factor)
 
     def _cut(self, step: int, drop: dict[str, Any], current_lr: float, snapshot: RoutingSnapshot) -> Finding:
         cfg, state = self.config, self.state

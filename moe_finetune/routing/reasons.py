@@ -206,6 +206,73 @@ def _cut(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     )
 
 
+def percent(fraction: float) -> str:
+    """A threshold as a user typed it: 0.0075 -> `0.75%`, 0.1 -> `10%` (a measured value uses `:.1%`)."""
+    return f"{fraction * 100:.3g}%"
+
+
+def _retention_level(facts: dict[str, Any]) -> str:
+    """`retention loss 4.41 is 3.4% above the base model's 4.26`."""
+    return f"retention loss {facts['loss']:.3f} is {facts['rise']:.1%} above the base model's {facts['base']:.3f}"
+
+
+def _retention_since(facts: dict[str, Any]) -> str:
+    if facts["reference_is_base"]:
+        return _retention_level(facts)
+    return (
+        f"retention loss {facts['loss']:.3f} is {facts['rise_since']:.1%} above the {facts['reference']:.3f} it "
+        f"stood at when the last cut was made ({facts['rise']:+.1%} against the base model's {facts['base']:.3f})"
+    )
+
+
+def _retention_base(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    when = "before the first update" if facts["first_step"] == 0 else f"at step {facts['first_step']} (resumed)"
+    return f"retention loss {facts['loss']:.3f} {when}: the base later losses are judged against"
+
+
+def _retention_ok(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"{_retention_level(facts)}, within the cut line ({percent(facts['cut_rise'])} since the last reference)"
+
+
+def _retention_cut(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    clip_note = f", clipped to min_lr {config.min_lr:.2e}" if facts["clipped_to_min_lr"] else ""
+    return (
+        f"{_retention_since(facts)} (cut line {percent(facts['cut_rise'])}): the model is forgetting what it knew; "
+        f"multiplying the learning rate by {facts['factor']:.3g} ({facts['lr_before']:.2e} -> "
+        f"{facts['lr_after']:.2e}{clip_note}), retention cut {facts['cut']} of {facts['max_cuts']}"
+    )
+
+
+def _retention_cut_by_routing(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"{_retention_since(facts)}, answered by the routing cut made at this step"
+
+
+def _retention_no_cut_left(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    why = (
+        f"the learning rate is at min_lr {config.min_lr:.2e}"
+        if facts["at_min_lr"]
+        else f"all {facts['max_cuts']} retention cuts are made"
+    )
+    limit = (
+        f"; halts at {percent(config.retention.halt_rise)} above the base"
+        if config.retention.halt_rise is not None
+        else ""
+    )
+    return f"{_retention_since(facts)}, but {why}{limit}"
+
+
+def _retention_halt(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return (
+        f"{_retention_level(facts)} (halt line {percent(facts['halt_rise'])}) after {facts['cuts_made']} retention "
+        f"cut(s) of {facts['max_cuts']}: the model has forgotten too much of what it knew"
+    )
+
+
+def _retention_non_finite(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    tail = "" if config.halt_on_nonfinite else "; skipped because halt_on_nonfinite is off"
+    return f"retention loss at step {step} is not finite ({facts['loss']}){tail}"
+
+
 _WRITERS: dict[str, Callable[[dict[str, Any], GuardConfig, int], str]] = {
     "replay": _replay,
     "non_finite": _non_finite,
@@ -223,4 +290,11 @@ _WRITERS: dict[str, Callable[[dict[str, Any], GuardConfig, int], str]] = {
     "cooldown": _cooldown,
     "after_last_cut": _after_last_cut,
     "entropy_drop_cut": _cut,
+    "retention_base": _retention_base,
+    "retention_ok": _retention_ok,
+    "retention_cut": _retention_cut,
+    "retention_cut_by_routing": _retention_cut_by_routing,
+    "retention_no_cut_left": _retention_no_cut_left,
+    "retention_halt": _retention_halt,
+    "retention_non_finite": _retention_non_finite,
 }
