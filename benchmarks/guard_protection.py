@@ -1,6 +1,6 @@
 """Does the guard protect a trained MoE? tiny-mixtral-trained fine-tuned with it on and off.
 
-    python benchmarks/guard_protection.py                       # the five runs (~10 min on 2 cores), the tables
+    python benchmarks/guard_protection.py                       # the five runs (~12 min on 2 cores), the tables
     python benchmarks/guard_protection.py --runs off,on --set guards.cut_factor=0.25   # other guard settings
     python benchmarks/guard_protection.py --runs off --variant tight:guards.retention.cut_rise=0.005
     python benchmarks/guard_protection.py --no-train            # measure the runs already in --out again
@@ -180,7 +180,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "guard-protection")
     parser.add_argument(
-        "--per-domain", type=int, default=64, help="held-out chunks per domain for the losses"
+        "--per-domain",
+        type=int,
+        default=64,
+        help="held-out chunks per domain for the losses (the retention rows are the 4 after them)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-only", action="store_true", help="write the datasets and stop")
@@ -205,6 +208,15 @@ def main() -> None:
     )
     opts = parser.parse_args()
     opts.out = opts.out.resolve()  # the recipes resolve relative paths against their own folder
+    # bad arguments are refused now, not after minutes of building the model and measuring the base
+    known = {"sane", "off", "on", "routing", "frozen"}
+    unknown = sorted({name.strip() for name in opts.runs.split(",") if name.strip()} - known)
+    if unknown:
+        parser.error(f"--runs: unknown run(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    for variant in opts.variant:
+        name, _, settings = variant.partition(":")
+        if not name or not settings or name in known or "=" not in settings:
+            parser.error(f"--variant {variant!r}: give NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -253,8 +265,6 @@ def main() -> None:
     chosen = [name.strip() for name in opts.runs.split(",") if name.strip()]
     for variant in opts.variant:
         name, _, settings = variant.partition(":")
-        if not name or not settings or name in arms:
-            parser.error(f"--variant {variant!r}: give NAME:KEY=VALUE[,KEY=VALUE...] with a new NAME")
         arms[name] = (AGGRESSIVE, [*arms["on"][1], *settings.split(",")])
         labels[name] = f"aggressive, guard on, {settings}"
         chosen.append(name)

@@ -49,7 +49,8 @@ class DatasetTooSmallError(MoeFinetuneError):
 
 
 class TrainingHalted(MoeFinetuneError):
-    """A guard stopped training on expert collapse (exit 4). A checkpoint and a report exist."""
+    """A guard stopped training: expert collapse, or (the retention check) forgetting (exit 4). A checkpoint
+    and a report exist."""
 
     exit_code = 4
 

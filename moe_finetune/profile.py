@@ -35,6 +35,7 @@ from moe_finetune.data import LoadedData, load_data, row_text
 from moe_finetune.errors import DataError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, find_routers, unwrap_model
 from moe_finetune.models.lora import layer_number
+from moe_finetune.models.tokens import pad_batch
 from moe_finetune.recipe import Recipe
 from moe_finetune.routing.affinity import gate_score, select_experts, token_ratio
 from moe_finetune.routing.capture import RoutingCapture, find_backbone, read_router_output, routing_scores
@@ -113,13 +114,7 @@ def sample_token_ids(data: LoadedData, tokenizer: Any, samples: int, max_length:
 def batches(rows: list[list[int]], batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
     """Right-padded (input_ids, attention_mask) batches; the capture counts only the mask's real rows."""
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
+        input_ids, mask = pad_batch(rows[start : start + batch_size], pad_id)
         yield {"input_ids": input_ids, "attention_mask": mask}
 
 

@@ -838,10 +838,18 @@ def _halt_section(run: RunData, verdict: Verdict) -> list[str]:
             "```",
             "",
         ]
-    lines.append(
-        "Resuming from the halt checkpoint itself (`--resume` alone) re-measures the guard's baseline, but starts "
-        "from the collapsed routers: the guard's absolute limits (expert load, dead experts) may stop it again."
-    )
+    if str((halt.get("details") or {}).get("check", "")).startswith("retention"):
+        lines.append(
+            "Resuming from the halt checkpoint itself (`--resume` alone) starts from weights that have already "
+            "forgotten: the retention check judges them against the same base model's loss and halts again at its "
+            "first check, unless `guards.retention.halt_rise` is raised."
+        )
+    else:
+        lines.append(
+            "Resuming from the halt checkpoint itself (`--resume` alone) re-measures the guard's baseline, but "
+            "starts from the collapsed routers: the guard's absolute limits (expert load, dead experts) may stop it "
+            "again."
+        )
     return lines
 
 

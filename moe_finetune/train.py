@@ -121,22 +121,32 @@ def sft_config(recipe: Recipe, output_dir: Path, **extra: Any) -> Any:
         raise RecipeError(f"training: SFTConfig rejected the section: {err}") from None
 
 
-def retention_set(recipe: Recipe, tokenizer: Any) -> Any | None:
-    """The rows `guards.retention.data` names, tokenised as training reads them (None: no retention check).
-    Read before training, so a bad file fails the run (exit 2) before its first step."""
+def read_retention_rows(recipe: Recipe) -> Any | None:
+    """The rows `guards.retention.data` names, read and checked before any model loads (a bad file: exit 2);
+    None when there is no retention check."""
     settings = recipe.guards.retention
     if not recipe.guards.enabled or settings.data is None:
         return None
-    from moe_finetune.callbacks.retention import DEFAULT_MAX_LENGTH, RetentionSet
+    from moe_finetune.callbacks.retention import retention_rows
+
+    return retention_rows(recipe.resolve_path(settings.data), rows=settings.rows, fields=recipe.data)
+
+
+def retention_set(recipe: Recipe, tokenizer: Any, loaded: Any | None) -> Any | None:
+    """Those rows tokenised as training reads them (callbacks/retention.py, the guard's one factory)."""
+    if loaded is None:
+        return None
+    from moe_finetune.callbacks.retention import RetentionSet
 
     training = recipe.training_args()
-    return RetentionSet.from_file(
-        recipe.resolve_path(settings.data),
+    return RetentionSet.from_settings(
+        recipe.guards.retention,
         tokenizer,
-        rows=settings.rows,
-        max_length=settings.max_length or training.get("max_length") or DEFAULT_MAX_LENGTH,
-        batch_size=settings.batch_size or int(training.get("per_device_train_batch_size", 8)),
+        path=recipe.resolve_path(recipe.guards.retention.data),
+        training_max_length=training.get("max_length"),
+        training_batch_size=int(training.get("per_device_train_batch_size", 8)),
         fields=recipe.data,
+        loaded=loaded,
     )
 
 
@@ -217,6 +227,7 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     output_dir = Path(recipe.output_dir or "runs/run")
     check_files(recipe)
     data, size_override = load_training_data(recipe, allow_small_dataset)
+    retention_rows = read_retention_rows(recipe)
     # The training arguments first: creating them sets up the process group, which FSDP's and
     # ZeRO-3's sharded loading need before the model is read.
     evaluate: dict[str, Any] = {}
@@ -264,7 +275,7 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         say(line)
     if aux.problems:
         raise RecipeError("aux loss set-up: " + " ".join(aux.problems))
-    callbacks = make_callbacks(recipe, output_dir, say, retention_set(recipe, tokenizer))
+    callbacks = make_callbacks(recipe, output_dir, say, retention_set(recipe, tokenizer, retention_rows))
     if size_override is not None:
         # Training goes ahead below the field's minimum: said loudly at train begin and recorded in
         # guard_events.jsonl, so the run directory tells the truth about it later.
@@ -458,15 +469,24 @@ def run(
         # the whole run's events (a resumed run's guard saw only its own attempt's), or this attempt's
         events = list(read_jsonl(output_dir / EVENTS_FILE)) or list(guard.events)
         earlier = trouble_checkpoint(output_dir, events)
-        where = f"--resume {earlier}" if earlier is not None else "--resume"
         check = str(guard.halted.details.get("check", ""))
-        who = "the guard's retention check" if check.startswith("retention") else "the routing guard"
+        forgot = check.startswith("retention")
+        who = "the guard's retention check" if forgot else "the routing guard"
+        lower = f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))}"
+        if earlier is not None:
+            go_on = f"To go on with a lower learning rate: {lower} --resume {earlier} --set training.learning_rate=LOWER"
+        elif forgot:
+            # the halt checkpoint has forgotten already: resumed, it is judged against the same base and halts again
+            go_on = (
+                "No checkpoint was saved before the forgetting began: start again with a lower learning rate "
+                f"({lower} --overwrite --set training.learning_rate=LOWER), or raise guards.retention.halt_rise"
+            )
+        else:
+            go_on = f"To go on with a lower learning rate: {lower} --resume --set training.learning_rate=LOWER"
         raise TrainingHalted(
             f"training halted by {who} at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "
-            f"events: {output_dir / EVENTS_FILE}. To go on with a lower learning rate: "
-            f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))} {where} "
-            "--set training.learning_rate=LOWER"
+            f"events: {output_dir / EVENTS_FILE}. {go_on}"
         )
     if interrupt.stopped_at is not None:
         write_run_report(trainer, output_dir, summary, echo, status="interrupted", seconds=seconds)

@@ -48,11 +48,10 @@ def validate_recipe(
         report.lines.append(f"data: {data.num_train:,} training examples ({data.schema}) in {data.path}")
         retention = recipe.guards.retention
         if recipe.guards.enabled and retention.data is not None:
-            from moe_finetune.callbacks.retention import retention_texts
+            from moe_finetune.train import read_retention_rows
 
-            path = recipe.resolve_path(retention.data)
-            texts = retention_texts(path, None, rows=retention.rows, fields=recipe.data)
-            report.lines.append(f"retention check: {len(texts):,} rows of {path}")
+            loaded = read_retention_rows(recipe)
+            report.lines.append(f"retention check: {len(loaded.rows):,} rows of {recipe.resolve_path(retention.data)}")
 
     config = recipe_model_config(recipe)
     family = family_for_config(config)

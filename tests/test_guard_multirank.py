@@ -36,6 +36,19 @@ _SCRIPT = textwrap.dedent(
         return made
 
     train.make_callbacks = recording
+    if os.environ.get("RETENTION_DRIFT"):
+        # forgetting made to order: each check's loss a little higher than the last, and each rank's a little
+        # different from the other's, so only the mean over ranks can keep their decisions the same
+        import moe_finetune.callbacks.retention as retention
+
+        measured, calls = retention.summed_token_loss, [0]
+
+        def drifting(model, input_ids, attention_mask):
+            summed, count = measured(model, input_ids, attention_mask)
+            calls[0] += 1
+            return summed * (1 + 0.002 * calls[0] + 1e-6 * int(os.environ["RANK"])), count
+
+        retention.summed_token_loss = drifting
     recipe = load_recipe(recipe_path, [f"output_dir={out_dir}/run", *overrides])
     halted = None
     try:
@@ -64,13 +77,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launch(tmp_path: Path, *overrides: str) -> list[dict]:
+def _launch(tmp_path: Path, *overrides: str, env: dict[str, str] | None = None) -> list[dict]:
     """demo-sharpening for 200 steps on two DDP ranks; what each rank's guard saw and did."""
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is part of the install"
     script = tmp_path / "ranks.py"
     script.write_text(_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     command = [
         launcher,
         "launch",
@@ -110,22 +123,21 @@ def test_both_ranks_cut_and_settle_at_the_same_steps(tmp_path: Path) -> None:
 
 
 def test_both_ranks_take_the_same_retention_decisions(tmp_path: Path) -> None:
-    """The retention check on two ranks: each evaluates every row, the mean over ranks decides, so the base,
-    the reference, the cuts and every event agree; rank 0 alone writes retention.jsonl."""
-    from moe_finetune.models.corpus import retention_chunks, stdlib_corpus, write_rows
-
-    # stdlib source, unlike the demo's instructions; a line this tight cuts on the smallest rise
-    keep = write_rows(tmp_path / "keep.jsonl", retention_chunks(stdlib_corpus(), "email", skip=0, per_domain=1))
+    """The retention check on two ranks: each evaluates every row and the mean over ranks decides, so with
+    losses that differ between the ranks (RETENTION_DRIFT in the script) the base, the reference, the cuts
+    and every event still agree; rank 0 alone writes retention.jsonl."""
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(16)))
     ranks = _launch(
         tmp_path,
         f"guards.retention.data={keep}",
-        "guards.retention.rows=16",
-        "guards.retention.cut_rise=0.001",
         "guards.retention.every=2",
+        env={"RETENTION_DRIFT": "1"},
     )
     assert ranks[0]["events"] == ranks[1]["events"]
     assert ranks[0]["retention"] == ranks[1]["retention"]
     assert ranks[0]["retention"]["retention_base"] > 0
+    assert ranks[0]["retention"]["retention_cuts"] >= 1  # the check acted, on both ranks alike
     checks = [json.loads(line) for line in (tmp_path / "run" / "retention.jsonl").read_text().splitlines()]
     assert checks[0]["step"] == 0 and len({c["step"] for c in checks}) == len(checks)  # one line per check
     assert checks[-1]["step"] == ranks[0]["retention"]["retention_last_step"]

@@ -196,21 +196,33 @@ def test_retention_rows_are_read_in_any_training_format(tmp_path, tiny_model_and
     rows = [{"prompt": f"question {i}: ", "completion": f"answer {i}"} for i in range(5)]
     with gzip.open(path, "wt") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
-    kept = RetentionSet.from_file(path, tokenizer, rows=3, max_length=32, batch_size=2, fields=DataSection(path="x"))
-    assert len(kept.rows) == 3 and kept.source == str(path)
+    settings = RetentionConfig(data=str(path), rows=3)
+    kept = RetentionSet.from_settings(
+        settings, tokenizer, path=path, training_max_length=32, training_batch_size=2, fields=DataSection(path="x")
+    )
+    assert len(kept.rows) == 3 and kept.source == str(path) and kept.batch_size == 2
     assert kept.rows[0] == tokenizer("question 0: answer 0").input_ids[:32]
+    # the section's own max_length and batch size win over the training's
+    own = RetentionSet.from_settings(
+        RetentionConfig(data=str(path), rows=3, max_length=4, batch_size=1),
+        tokenizer,
+        path=path,
+        training_max_length=32,
+        training_batch_size=2,
+    )
+    assert own.batch_size == 1 and all(len(ids) <= 4 for ids in own.rows)
+    assert own.fingerprint != kept.fingerprint
 
 
-def test_a_missing_or_broken_retention_file_names_the_field(tmp_path, tiny_model_and_tokenizer):
-    from moe_finetune.callbacks.retention import RetentionSet
+def test_a_missing_or_broken_retention_file_names_the_field(tmp_path):
+    from moe_finetune.callbacks.retention import retention_rows
 
-    _, tokenizer = tiny_model_and_tokenizer
     with pytest.raises(DataError, match="guards.retention.data: .*missing.jsonl does not exist"):
-        RetentionSet.from_file(tmp_path / "missing.jsonl", tokenizer, rows=4, max_length=8, batch_size=2)
+        retention_rows(tmp_path / "missing.jsonl", rows=4)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "fine"}\n{"other": 1}\n')
     with pytest.raises(DataError, match="guards.retention.data: .*broken.jsonl"):
-        RetentionSet.from_file(broken, tokenizer, rows=4, max_length=8, batch_size=2)
+        retention_rows(broken, rows=4)
 
 
 # ---------------------------------------------------------------- through the CLI
@@ -281,3 +293,74 @@ def test_a_resumed_run_keeps_its_retention_base_and_history_up_to_the_checkpoint
     assert [c["step"] for c in resumed] == [0, 2, 4, 6]
     assert resumed[:2] == first[:2]
     assert {c["base"] for c in resumed} == {first[0]["loss"]}
+
+
+def _scripted_losses(monkeypatch, losses: list[float]) -> None:
+    """RetentionSet.loss answers these in turn: the guard's wiring driven by known numbers."""
+    from moe_finetune.callbacks.retention import RetentionSet
+
+    answers = iter(losses)
+
+    def scripted(self, model):
+        self.last_seconds = 0.0
+        return next(answers)
+
+    monkeypatch.setattr(RetentionSet, "loss", scripted)
+
+
+def _keep_file(tmp_path, name: str = "keep.jsonl", rows: int = 8) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": f"{name} row {i}: def f(): return {i}"}) + "\n" for i in range(rows)))
+    return str(path)
+
+
+def test_a_retention_halt_exits_4_naming_the_check_and_the_report_says_resuming_halts_again(
+    recipe_factory, tmp_path, capsys, monkeypatch
+):
+    _scripted_losses(monkeypatch, [4.0, 4.05, 4.5])  # the base; +1.25%: cut at step 2; +12.5%: halt at step 4
+    recipe = recipe_factory(f"guards:\n  retention:\n    data: {_keep_file(tmp_path)}\n")
+    code, _, err = _cli(capsys, "train", str(recipe), "--set", "training.max_steps=8")
+    assert code == 4, err
+    assert "training halted by the guard's retention check at step 4" in err
+    assert "the model has forgotten too much of what it knew" in err
+    run = tmp_path / "run"
+    events = [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
+    acted = [(e["step"], e["action"], e["details"]["check"]) for e in events if e["action"] in ("cut_lr", "halt")]
+    assert acted == [(2, "cut_lr", "retention_cut"), (4, "halt", "retention_halt")]
+    assert (run / "checkpoint-4").is_dir() and (run / "last-healthy" / "checkpoint-2").is_dir()
+    report = (run / "report.md").read_text()
+    assert "halts again at its first check" in report
+
+
+def test_a_base_loss_that_is_not_finite_is_refused_before_the_first_step(recipe_factory, tmp_path, capsys, monkeypatch):
+    _scripted_losses(monkeypatch, [math.nan])
+    recipe = recipe_factory(f"guards:\n  retention:\n    data: {_keep_file(tmp_path)}\n")
+    code, _, err = _cli(capsys, "train", str(recipe))
+    assert code == 2, err
+    assert "guards.retention.data: the model's loss on the 8 retention rows" in err and "not a finite number" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_a_run_resumed_with_other_retention_rows_measures_its_base_again(recipe_factory, tmp_path, capsys):
+    first_rows = _keep_file(tmp_path, "first.jsonl")
+    recipe = recipe_factory(f"guards:\n  retention:\n    data: {first_rows}\n")
+    code, _, err = _cli(capsys, "train", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "run"
+    before = json.loads((run / "retention.jsonl").read_text().splitlines()[0])["base"]
+    code, out, err = _cli(
+        capsys,
+        "train",
+        str(recipe),
+        "--resume",
+        str(run / "checkpoint-2"),
+        "--set",
+        "training.max_steps=6",
+        "--set",
+        f"guards.retention.data={_keep_file(tmp_path, 'second.jsonl', rows=6)}",
+    )
+    assert code == 0, err
+    events = [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
+    assert any(e["action"] == "retention_rows_changed" and e["step"] == 2 for e in events)
+    after = json.loads((run / "retention.jsonl").read_text().splitlines()[-1])["base"]
+    assert after != before

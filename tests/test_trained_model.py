@@ -245,7 +245,7 @@ def test_an_aggressive_fine_tune_of_the_trained_model_is_caught_by_the_retention
     trained_mixtral, guard_data, tmp_path
 ):
     """Routers trained at 5e-3 without a balancing loss on one package: the other packages' loss is 1% up
-    after five steps (the benchmark: first cut at step 5, then 40, 115, 245), long before routing moves."""
+    after five steps (the benchmark: retention cuts at steps 5, 30, 95 and 180), long before routing moves."""
     run = tmp_path / "aggressive"
     code, out = _train(
         AGGRESSIVE,

@@ -194,7 +194,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self.policy.restart_episode()
             self._record(
                 "resume_after_halt",
-                f"resumed after the halt at step {halt_step}: routing baseline re-measured, cut budget reset",
+                f"resumed after the halt at step {halt_step}: routing baseline re-measured, cut budgets reset; "
+                "the retention check (if on) still judges against the base model's loss",
                 state,
                 None,
                 None,
@@ -266,24 +267,47 @@ class EntropyGuard(TrainerCallback, ExportableState):
         """Read the retention rows (unless given) and, on a fresh run, measure the base loss before any update."""
         settings = self.config.retention
         if self.retention is None:
-            from moe_finetune.callbacks.retention import DEFAULT_MAX_LENGTH, RetentionSet
+            from moe_finetune.callbacks.retention import RetentionSet
 
             if tokenizer is None:
                 raise ValueError(
                     "EntropyGuard: guards.retention.data needs the tokenizer; the Trainer passes it as processing_class"
                 )
-            self.retention = RetentionSet.from_file(
-                settings.data,
+            self.retention = RetentionSet.from_settings(
+                settings,
                 tokenizer,
-                rows=settings.rows,
-                max_length=settings.max_length or getattr(args, "max_length", None) or DEFAULT_MAX_LENGTH,
-                batch_size=settings.batch_size or int(args.per_device_train_batch_size),
+                path=settings.data,
+                training_max_length=getattr(args, "max_length", None),
+                training_batch_size=int(args.per_device_train_batch_size),
             )
         if self.is_main:
             keep_records_up_to(self.output_dir / RETENTION_FILE, int(state.global_step))
-        if self.policy.state.retention_base is not None:
+        stored = self.policy.state
+        if stored.retention_base is not None and stored.retention_fingerprint in (None, self.retention.fingerprint):
+            stored.retention_fingerprint = self.retention.fingerprint
             return  # resumed: the base loss of the fresh start came back with the guard's state
+        if stored.retention_base is not None:
+            self.policy.reset_retention()
+            self._record(
+                "retention_rows_changed",
+                f"the retention rows ({self.retention.source}) differ from those the checkpoint's base loss was "
+                f"measured on: the base is measured again at step {state.global_step}",
+                state,
+                None,
+                None,
+                None,
+            )
         self._check_retention(state, None)
+        if stored.retention_base is None or not math.isfinite(stored.retention_base):
+            from moe_finetune.errors import RecipeError
+
+            raise RecipeError(
+                f"guards.retention.data: the model's loss on the {len(self.retention.rows)} retention rows of "
+                f"{self.retention.source} is not a finite number at step {state.global_step}, so forgetting "
+                "cannot be judged against it (a model that overflows in float16, or weights already broken); "
+                "check the model on those rows, or train in bfloat16 or float32"
+            )
+        stored.retention_fingerprint = self.retention.fingerprint
         if self.echo is not None and self.is_main:
             rows, tokens = len(self.retention.rows), self.retention.tokens
             halt = f", halts {percent(settings.halt_rise)} above it" if settings.halt_rise is not None else ""
@@ -392,6 +416,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self._record("cut_lr", action.reason, state, action, before, after, metrics)
             return
         lr = float(self.optimizer.param_groups[0]["lr"])
+        if self._keep_at_save == step:
+            self._keep_at_save = None  # a cut at this same step asked to keep this checkpoint: it is the halted one
         self.halted = action
         self.halt_step = step
         self._record("halt", action.reason, state, action, lr, lr, metrics)

@@ -14,6 +14,8 @@ same decision even if their floating-point results differ in the last bit.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -23,34 +25,12 @@ from typing import Any
 
 import torch
 
+from moe_finetune.data import row_text
 from moe_finetune.errors import DataError
-from moe_finetune.sections import DataSection
+from moe_finetune.models.tokens import pad_batch, summed_token_loss
+from moe_finetune.sections import DataSection, RetentionConfig
 
 DEFAULT_MAX_LENGTH = 1024  # SFTConfig's own default max_length
-
-
-def summed_token_loss(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy over the real tokens of one right-padded batch, and their count.
-
-    From the logits, not `labels=`: with `output_router_logits` a model's own loss adds the aux loss.
-    """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return float(loss), int((targets != -100).sum())
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-id rows as one right-padded (input_ids, attention_mask) pair."""
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        mask[i, : len(ids)] = 1
-    return input_ids, mask
 
 
 def _input_device(model: Any) -> torch.device:
@@ -90,6 +70,12 @@ class RetentionSet:
         """Tokens predicted per check (every real token but each row's first)."""
         return sum(len(ids) - 1 for ids in self.rows)
 
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the token ids: a resumed run judges against its stored base only on the same rows."""
+        digest = hashlib.sha256(json.dumps(self.rows, separators=(",", ":")).encode())
+        return digest.hexdigest()[:16]
+
     @classmethod
     def from_texts(
         cls, texts: Sequence[str], tokenizer: Any, *, max_length: int, batch_size: int, source: str = "texts"
@@ -99,23 +85,26 @@ class RetentionSet:
         return cls(rows=rows, pad_id=int(pad_id if pad_id is not None else 0), batch_size=batch_size, source=source)
 
     @classmethod
-    def from_file(
+    def from_settings(
         cls,
-        path: str | Path,
+        settings: RetentionConfig,
         tokenizer: Any,
         *,
-        rows: int,
-        max_length: int,
-        batch_size: int,
+        path: str | Path,
+        training_max_length: int | None,
+        training_batch_size: int,
         fields: DataSection | None = None,
+        loaded: LoadedRows | None = None,
     ) -> RetentionSet:
-        """The first `rows` rows of a dataset file in any format `data.path` takes (text, prompt +
-        completion, or chats through the tokenizer's template), read with `fields`' column names."""
+        """The one way `guards.retention` becomes rows (for `train` and for a guard given only a config):
+        the first `settings.rows` rows of `path` (`loaded`, when `retention_rows` already read them),
+        rendered as training renders them, cut at `max_length` (else the training's), batched likewise."""
+        loaded = loaded if loaded is not None else retention_rows(path, rows=settings.rows, fields=fields)
         return cls.from_texts(
-            retention_texts(path, tokenizer, rows=rows, fields=fields),
+            [row_text(row, loaded.schema, tokenizer) for row in loaded.rows],
             tokenizer,
-            max_length=max_length,
-            batch_size=batch_size,
+            max_length=settings.max_length or training_max_length or DEFAULT_MAX_LENGTH,
+            batch_size=settings.batch_size or training_batch_size,
             source=str(path),
         )
 
@@ -138,18 +127,28 @@ class RetentionSet:
         loss = total / max(count, 1)
         world = _world_size()
         if world > 1:
-            reduced = torch.tensor([loss if math.isfinite(loss) else math.nan], dtype=torch.float64, device=device)
+            # NCCL reduces CUDA tensors only, wherever the embeddings live (CPU-offloaded under FSDP)
+            nccl = torch.distributed.get_backend() == "nccl"
+            where = torch.device("cuda", torch.cuda.current_device()) if nccl else device
+            reduced = torch.tensor([loss if math.isfinite(loss) else math.nan], dtype=torch.float64, device=where)
             torch.distributed.all_reduce(reduced)
             loss = float(reduced[0]) / world
         self.last_seconds = time.perf_counter() - started
         return loss
 
 
-def retention_texts(
-    path: str | Path, tokenizer: Any, *, rows: int, fields: DataSection | None = None
-) -> list[str]:
-    """The texts of the first `rows` rows of a retention file, as the model reads them in training."""
-    from moe_finetune.data import load_data, row_text
+@dataclass
+class LoadedRows:
+    """The first rows of a retention file, normalised like training rows (no tokenizer needed yet)."""
+
+    rows: list[dict[str, Any]]
+    schema: str  # "text" | "prompt_completion" | "messages"
+
+
+def retention_rows(path: str | Path, *, rows: int, fields: DataSection | None = None) -> LoadedRows:
+    """Read and check the first `rows` rows of a retention file in any format `data.path` takes, with
+    `fields`' column names: a bad file fails here (exit 2), before any model loads."""
+    from moe_finetune.data import load_data
 
     path = Path(path)
     if not path.exists():
@@ -170,4 +169,5 @@ def retention_texts(
         data = load_data(section, path)
     except DataError as err:
         raise DataError(f"guards.retention.data: {err}") from None
-    return [row_text(row, data.schema, tokenizer) for row in data.train.select(range(min(rows, len(data.train))))]
+    first = data.train.select(range(min(rows, len(data.train))))
+    return LoadedRows(rows=[dict(row) for row in first], schema=data.schema)

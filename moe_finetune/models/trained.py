@@ -341,17 +341,10 @@ def build_trained(
 
 def encode_chunks(tokenizer: Any, chunks: Sequence[Chunk], max_length: int = 128) -> tuple[Any, Any]:
     """Chunks as one right-padded batch: (input_ids, attention_mask), each chunk its own sequence."""
-    import torch
+    from moe_finetune.models.tokens import pad_batch
 
     encoded = tokenizer([chunk.text for chunk in chunks], add_special_tokens=False)["input_ids"]
-    encoded = [ids[:max_length] for ids in encoded]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask
+    return pad_batch([ids[:max_length] for ids in encoded], tokenizer.pad_token_id)
 
 
 def held_out_loss(
@@ -360,18 +353,16 @@ def held_out_loss(
     """Mean next-token cross-entropy over every real token of `chunks` (padding left out), no grad."""
     import torch
 
+    from moe_finetune.models.tokens import summed_token_loss
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(chunks), batch_size):
             input_ids, mask = encode_chunks(tokenizer, chunks[start : start + batch_size], max_length)
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-            targets = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
-            )
-            total += float(loss)
-            count += int((targets != -100).sum())
+            summed, tokens = summed_token_loss(model, input_ids, mask)
+            total += summed
+            count += tokens
     model.train(was_training)
     return total / max(count, 1)

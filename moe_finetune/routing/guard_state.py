@@ -87,6 +87,8 @@ _ADDED_STATE_FIELDS = {
     "retention_reference",
     "retention_cuts",
     "retention_last_step",
+    "retention_fingerprint",
+    "retention_reference_kind",
 }
 
 
@@ -121,6 +123,8 @@ class GuardState:
     retention_reference: float | None = None
     retention_cuts: int = 0
     retention_last_step: int | None = None
+    retention_fingerprint: str | None = None  # which rows the base was measured on (RetentionSet.fingerprint)
+    retention_reference_kind: str = "base"  # what the reference is: "base", "cut" (a cut's level), "resume"
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for checkpoints (trainer_state.json / a side file)."""

@@ -121,7 +121,16 @@ class GuardPolicy:
             # the base model's retention loss stays the truth; the cuts and the reference start over
             retention_base=old.retention_base,
             retention_last_step=old.retention_last_step,
+            retention_fingerprint=old.retention_fingerprint,
+            retention_reference_kind="resume",
         )
+
+    def reset_retention(self) -> None:
+        """Forget the retention base (other rows than those it was measured on): the next loss is the base."""
+        defaults = GuardState()
+        for name in ("retention_base", "retention_reference", "retention_cuts", "retention_last_step",
+                     "retention_fingerprint", "retention_reference_kind"):
+            setattr(self.state, name, getattr(defaults, name))
 
     # ------------------------------------------------------------------ the decision
 
@@ -560,7 +569,7 @@ class GuardPolicy:
             "rise": loss / base - 1,
             "reference": reference,
             "rise_since": loss / reference - 1,
-            "reference_is_base": math.isclose(reference, base, rel_tol=1e-12) and state.retention_cuts == 0,
+            "reference_kind": state.retention_reference_kind,
             "cuts_made": state.retention_cuts,
             "max_cuts": cfg.max_cuts,
         }
@@ -570,6 +579,7 @@ class GuardPolicy:
             return Finding("none", {"check": "retention_ok", "cut_rise": cfg.cut_rise, **facts})
         if cut_this_step:
             state.retention_reference = float(loss)  # the routing cut answers this rise too
+            state.retention_reference_kind = "cut"
             return Finding("none", {"check": "retention_cut_by_routing", "cut_rise": cfg.cut_rise, **facts})
         at_min_lr = current_lr <= self.config.min_lr or math.isclose(current_lr, self.config.min_lr, rel_tol=1e-9)
         if state.retention_cuts >= cfg.max_cuts or at_min_lr:
@@ -577,12 +587,10 @@ class GuardPolicy:
                 "none",
                 {"check": "retention_no_cut_left", "cut_rise": cfg.cut_rise, "at_min_lr": at_min_lr, **facts},
             )
-        factor = self.config.cut_factor
-        clipped = current_lr * factor < self.config.min_lr
-        if clipped:
-            factor = self.config.min_lr / current_lr
+        factor, clipped = self._cut_factor(current_lr)
         state.retention_cuts += 1
         state.retention_reference = float(loss)
+        state.retention_reference_kind = "cut"
         state.multiplier *= factor
         facts.update(
             check="retention_cut",
@@ -595,16 +603,20 @@ class GuardPolicy:
         )
         return Finding("cut_lr", facts, factor=factor)
 
+    def _cut_factor(self, current_lr: float) -> tuple[float, bool]:
+        """guards.cut_factor, or the factor that lands exactly on min_lr if it would go below (and whether)."""
+        factor = self.config.cut_factor
+        if current_lr * factor < self.config.min_lr:
+            return self.config.min_lr / current_lr, True
+        return factor, False
+
     def _cut(self, step: int, drop: dict[str, Any], current_lr: float, snapshot: RoutingSnapshot) -> Finding:
         cfg, state = self.config, self.state
         # The next sharp fall, and "continues" after the last cut, are measured from here.
         state.level_at_last_cut = _entropies(snapshot)
         state.recent = [_entropies(snapshot)]
         state.settled_step = None
-        factor = cfg.cut_factor
-        clipped = current_lr * factor < cfg.min_lr
-        if clipped:
-            factor = cfg.min_lr / current_lr  # land exactly on min_lr, never below it
+        factor, clipped = self._cut_factor(current_lr)
         state.cuts_made += 1
         state.cooldown_left = cfg.cooldown
         state.multiplier *= factor

@@ -217,11 +217,13 @@ def _retention_level(facts: dict[str, Any]) -> str:
 
 
 def _retention_since(facts: dict[str, Any]) -> str:
-    if facts["reference_is_base"]:
+    kind = facts.get("reference_kind", "base")
+    if kind == "base":
         return _retention_level(facts)
+    when = "when the last cut was made" if kind == "cut" else "when the run resumed after its halt"
     return (
         f"retention loss {facts['loss']:.3f} is {facts['rise_since']:.1%} above the {facts['reference']:.3f} it "
-        f"stood at when the last cut was made ({facts['rise']:+.1%} against the base model's {facts['base']:.3f})"
+        f"stood at {when} ({facts['rise']:+.1%} against the base model's {facts['base']:.3f})"
     )
 
 
