@@ -1,6 +1,6 @@
 """Does the guard protect a trained MoE? tiny-mixtral-trained fine-tuned with it on and off.
 
-    python benchmarks/guard_protection.py                       # the five runs (~12 min on 2 cores), the tables
+    python benchmarks/guard_protection.py                       # the five runs (~11 min on 2 cores), the tables
     python benchmarks/guard_protection.py --runs off,on --set guards.cut_factor=0.25   # other guard settings
     python benchmarks/guard_protection.py --runs off --variant tight:guards.retention.cut_rise=0.005
     python benchmarks/guard_protection.py --no-train            # measure the runs already in --out again

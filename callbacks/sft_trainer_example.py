@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
+import textwrap
+from pathlib import Path
 
 import datasets
 from peft import LoraConfig, get_peft_model
@@ -39,11 +42,19 @@ def main() -> None:
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
 
-    # The five lines: watch routing, act on collapse, refuse small datasets.
+    # Rows the model should keep knowing (here: a stdlib module's docstring), for the guard's retention check.
+    keep = Path(args.output_dir) / "keep.jsonl"
+    rows = textwrap.wrap(json.__doc__ or "", 200)
+    keep.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows), encoding="utf-8")
+
+    # The five lines: watch routing, act on collapse and on forgetting, refuse small datasets.
     monitor = RoutingMonitor()
-    attach(trainer, monitor, EntropyGuard(), DatasetSizeGuard(min_examples=10_000))
+    guard = EntropyGuard({"retention": {"data": str(keep)}})
+    attach(trainer, monitor, guard, DatasetSizeGuard(min_examples=10_000))
     trainer.train()
     print(monitor.format_table())
+    checks = [json.loads(line) for line in (Path(args.output_dir) / "retention.jsonl").read_text().splitlines()]
+    print(f"retention loss: {checks[0]['loss']:.3f} before any update, {checks[-1]['loss']:.3f} at step {checks[-1]['step']}")
 
     logged = [k for k in trainer.state.log_history[0] if k.startswith("routing/")]
     print(f"routing metrics in the Trainer's log: {', '.join(logged)}")
