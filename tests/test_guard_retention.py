@@ -228,6 +228,17 @@ def test_a_missing_or_broken_retention_file_names_the_field(tmp_path):
 # ---------------------------------------------------------------- through the CLI
 
 
+def _keep_file(tmp_path, name: str = "keep.jsonl", rows: int = 8) -> str:
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": f"{name} row {i}: def f(): return {i}"}) + "\n" for i in range(rows)))
+    return str(path)
+
+
+def _checks(run) -> list[dict]:
+    """The run's retention.jsonl, one dict per check."""
+    return [json.loads(line) for line in (run / "retention.jsonl").read_text().splitlines()]
+
+
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     from moe_finetune.cli import main
 
@@ -259,8 +270,7 @@ def test_a_retention_file_with_a_bad_row_exits_2_naming_the_file_and_line(recipe
 
 
 def test_train_with_a_retention_file_checks_it_at_every_logging_step_and_reports_it(recipe_factory, tmp_path, capsys):
-    keep = tmp_path / "keep.jsonl"
-    keep.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(12)))
+    keep = _keep_file(tmp_path, rows=12)
     recipe = recipe_factory(f"guards:\n  retention:\n    data: {keep}\n    rows: 8\n")
     code, out, err = _cli(capsys, "validate", str(recipe))
     assert code == 0, err
@@ -268,7 +278,7 @@ def test_train_with_a_retention_file_checks_it_at_every_logging_step_and_reports
     code, out, err = _cli(capsys, "train", str(recipe))
     assert code == 0, err
     assert "[guard] retention check: 8 rows" in out + err
-    checks = [json.loads(line) for line in (tmp_path / "run" / "retention.jsonl").read_text().splitlines()]
+    checks = _checks(tmp_path / "run")
     assert [c["step"] for c in checks] == [0, 2, 4]
     assert checks[0]["check"] == "retention_base" and checks[0]["base"] == checks[0]["loss"]
     assert all(c["base"] == checks[0]["loss"] for c in checks)
@@ -277,19 +287,17 @@ def test_train_with_a_retention_file_checks_it_at_every_logging_step_and_reports
 
 
 def test_a_resumed_run_keeps_its_retention_base_and_history_up_to_the_checkpoint(recipe_factory, tmp_path, capsys):
-    keep = tmp_path / "keep.jsonl"
-    keep.write_text("".join(json.dumps({"text": f"class C{i}:\n    value = {i}\n"}) + "\n" for i in range(8)))
-    recipe = recipe_factory(f"guards:\n  retention:\n    data: {keep}\n")
+    recipe = recipe_factory(f"guards:\n  retention:\n    data: {_keep_file(tmp_path)}\n")
     code, _, err = _cli(capsys, "train", str(recipe))
     assert code == 0, err
     run = tmp_path / "run"
-    first = [json.loads(line) for line in (run / "retention.jsonl").read_text().splitlines()]
+    first = _checks(run)
     code, out, err = _cli(
         capsys, "train", str(recipe), "--resume", str(run / "checkpoint-2"), "--set", "training.max_steps=6"
     )
     assert code == 0, err
     assert "before any update" not in out + err  # the base came back with the guard's state
-    resumed = [json.loads(line) for line in (run / "retention.jsonl").read_text().splitlines()]
+    resumed = _checks(run)
     assert [c["step"] for c in resumed] == [0, 2, 4, 6]
     assert resumed[:2] == first[:2]
     assert {c["base"] for c in resumed} == {first[0]["loss"]}
@@ -306,12 +314,6 @@ def _scripted_losses(monkeypatch, losses: list[float]) -> None:
         return next(answers)
 
     monkeypatch.setattr(RetentionSet, "loss", scripted)
-
-
-def _keep_file(tmp_path, name: str = "keep.jsonl", rows: int = 8) -> str:
-    path = tmp_path / name
-    path.write_text("".join(json.dumps({"text": f"{name} row {i}: def f(): return {i}"}) + "\n" for i in range(rows)))
-    return str(path)
 
 
 def test_a_retention_halt_exits_4_naming_the_check_and_the_report_says_resuming_halts_again(
@@ -347,7 +349,7 @@ def test_a_run_resumed_with_other_retention_rows_measures_its_base_again(recipe_
     code, _, err = _cli(capsys, "train", str(recipe))
     assert code == 0, err
     run = tmp_path / "run"
-    before = json.loads((run / "retention.jsonl").read_text().splitlines()[0])["base"]
+    before = _checks(run)[0]["base"]
     code, out, err = _cli(
         capsys,
         "train",
@@ -362,5 +364,5 @@ def test_a_run_resumed_with_other_retention_rows_measures_its_base_again(recipe_
     assert code == 0, err
     events = [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
     assert any(e["action"] == "retention_rows_changed" and e["step"] == 2 for e in events)
-    after = json.loads((run / "retention.jsonl").read_text().splitlines()[-1])["base"]
+    after = _checks(run)[-1]["base"]
     assert after != before

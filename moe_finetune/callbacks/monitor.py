@@ -260,7 +260,7 @@ class RoutingMonitor(TrainerCallback):
         """Reduce, summarise and reset the sums of this logging window; notify the listeners."""
         assert self.capture is not None
         sums = self.capture.sums
-        if _world_size() > 1:
+        if world_size() > 1:
             flat = sums.as_tensor()  # every sum in one float64 vector: one collective
             torch.distributed.all_reduce(flat)
             sums = sums.from_tensor(flat)
@@ -340,7 +340,8 @@ def _batch_fingerprint(batch: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _world_size() -> int:
+def world_size() -> int:
+    """Processes in the run (1 without torch.distributed): whether a measurement must be reduced across ranks."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
     return 1
@@ -349,7 +350,7 @@ def _world_size() -> int:
 def _mean_over_ranks(drift: Drift, device: torch.device) -> Drift:
     """Average a drift measurement over ranks: identical probes give identical numbers anyway, and
     ranks fed different data (so different probe rows) still log and decide on the same values."""
-    world = _world_size()
+    world = world_size()
     if world == 1:
         return drift
     layers = len(drift.layer_topk_change)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from moe_finetune.callbacks.monitor import world_size
 from moe_finetune.data import row_text
 from moe_finetune.errors import DataError
 from moe_finetune.models.tokens import pad_batch, summed_token_loss
@@ -40,12 +41,6 @@ def _input_device(model: Any) -> torch.device:
         if device.type != "meta":
             return device
     return next(model.parameters()).device
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 @dataclass
@@ -125,7 +120,7 @@ class RetentionSet:
         finally:
             model.train(was_training)
         loss = total / max(count, 1)
-        world = _world_size()
+        world = world_size()
         if world > 1:
             # NCCL reduces CUDA tensors only, wherever the embeddings live (CPU-offloaded under FSDP)
             nccl = torch.distributed.get_backend() == "nccl"
