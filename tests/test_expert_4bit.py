@@ -273,9 +273,11 @@ def test_train_on_4bit_experts_saves_an_adapter_that_plain_peft_loads_on_the_ful
     assert (after - before).abs().max() > 1e-4  # the adapter trained on 4-bit experts changes the bf16 base
 
 
-# A mid-size Mixtral (experts 201 MB in bf16) loaded in each arm in a fresh process: peak RSS of load +
-# two training steps on the fast path, and the bytes really held against inspect's estimate.
-_MID = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 4, "num_local_experts": 8,
+# A mid-size Mixtral (experts 403 MB in bf16) loaded in each arm in a fresh process: peak RSS of three
+# training steps on the fast path, and the bytes really held against inspect's estimate. The peak moves by
+# ±15 MB from run to run on the same batch (allocator placement): at 201 MB of experts a 0.6x saving came
+# out 0.56-0.86x, at 403 MB 0.71-0.77x.
+_MID = {"hidden_size": 512, "intermediate_size": 4096, "num_hidden_layers": 4, "num_local_experts": 8,
         "num_experts_per_tok": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 1024}  # fmt: skip
 _ARM = """
 import json, sys, torch
@@ -296,6 +298,7 @@ loaded = status_kb("RssAnon") - before  # what the process itself holds once loa
 held = sum(row.bytes for row in footprint(model))
 peft_model, _ = apply_lora(model, LoraSection(r=8), family)
 optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
+torch.manual_seed(0)  # the same batch, routed alike, in both arms
 ids = torch.randint(0, 1000, (2, 64))
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the training steps on the loaded model
 for _ in range(3):
@@ -314,7 +317,7 @@ def test_mid_size_model_4bit_experts_cut_peak_memory_and_match_inspect(tmp_path)
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config).to(torch.bfloat16)
     experts_bytes = sum(p.numel() * 2 for n, p in model.named_parameters() if ".experts." in n)
-    assert experts_bytes >= 100e6
+    assert experts_bytes >= 400e6
     model.save_pretrained(tmp_path / "mid")
     transformers.AutoTokenizer.from_pretrained(build_tiny("mixtral")).save_pretrained(tmp_path / "mid")
     del model
