@@ -444,8 +444,7 @@ def _shuffle_and_split(dataset: Any, section: DataSection) -> tuple[Any, Any | N
 
 
 def row_text(row: dict[str, Any], schema: str, tokenizer: Any) -> str:
-    """A normalised row as the text the model reads: the chat template where the tokenizer has one (the
-    profile and the guard's retention check read rows as training does)."""
+    """A normalised row as the text the model reads: the chat template where the tokenizer has one."""
     if schema == "text":
         return str(row["text"])
     if schema == "prompt_completion":
@@ -454,6 +453,17 @@ def row_text(row: dict[str, Any], schema: str, tokenizer: Any) -> str:
     if getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template(messages, tokenize=False))
     return "\n".join(message["content"] for message in messages)
+
+
+def row_token_ids(row: dict[str, Any], schema: str, tokenizer: Any) -> list[int]:
+    """A normalised row's token ids as TRL's SFTTrainer makes them, so the profile and the guard's
+    retention check read what training reads. A chat template already writes the BOS of models that
+    use one, so its text is tokenized without special tokens (else Llama-style tokenizers add a
+    second BOS, a token no training row starts with); plain text gets the tokenizer's own. TRL's EOS
+    at the end of plain rows is left out: one token a row, which neither measure needs."""
+    templated = schema == "messages" and bool(getattr(tokenizer, "chat_template", None))
+    text = row_text(row, schema, tokenizer)
+    return list(tokenizer(text, add_special_tokens=not templated).input_ids)
 
 
 def load_data(section: DataSection, path: Path) -> LoadedData:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from moe_finetune.data import LoadedData, load_data, row_text
+from moe_finetune.data import LoadedData, load_data, row_token_ids
 from moe_finetune.errors import DataError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, find_routers, unwrap_model
 from moe_finetune.models.lora import layer_number
@@ -99,7 +99,7 @@ def sample_token_ids(data: LoadedData, tokenizer: Any, samples: int, max_length:
     rows: list[list[int]] = []
     total = 0
     for row in data.train:
-        ids = list(tokenizer(row_text(row, data.schema, tokenizer)).input_ids)
+        ids = row_token_ids(row, data.schema, tokenizer)
         if max_length:
             ids = ids[:max_length]
         ids = ids[: samples - total]

@@ -252,8 +252,9 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
         from moe_finetune.profile import DEFAULT_SAMPLES, experts_from_profile, profile_loaded
 
         # ESFT: the experts this data uses, from the base model, made explicit for recipe.resolved.yaml
-        quiet = echo if args.process_index == 0 else (lambda _line: None)  # every rank chooses alike
+        quiet = echo if args.process_index == 0 else (lambda _line: None)
         profile = profile_loaded(recipe, model, tokenizer, family, data, samples=DEFAULT_SAMPLES, echo=quiet)
+        profile = as_rank_zero_measured(profile)
         recipe.lora.experts = experts_from_profile(profile, recipe, echo=quiet)
     model, adapted = apply_lora(model, recipe.lora, family)
     trainer = SFTTrainer(
@@ -285,6 +286,20 @@ def build_trainer(recipe: Recipe, *, allow_small_dataset: bool = False, echo: Ec
     if profile is not None:
         use_profile_as_baseline(trainer, profile, recipe, say)
     return trainer
+
+
+def as_rank_zero_measured(value: Any) -> Any:
+    """Rank 0's `value` on every rank (itself in a single process). Each rank profiles the same rows,
+    but devices may differ in a last bit, and an expert at the top_p boundary would then be adapted on
+    one rank and not another (adapters of different shapes) or the guard judge from other baselines:
+    the choice and the baseline must be one decision, taken once."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -327,3 +327,33 @@ def test_a_csv_line_of_spaces_is_a_row_with_an_empty_field_not_a_blank_line(tmp_
     path.write_text("text\nhello\n  \nworld\n", encoding="utf-8")
     with pytest.raises(DataError, match="line 3 field 'text' must be a non-empty string"):
         load_data(DataSection(path=str(path), min_examples=0), path)
+
+
+def _tokenizer_with_bos():
+    """A Llama-style tokenizer: it adds a BOS to every text, and its chat template writes one too."""
+    from tokenizers.processors import TemplateProcessing
+
+    from moe_finetune.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(["hello world, the user asks and the assistant answers"] * 20, vocab_size=300)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    return tokenizer
+
+
+def test_rows_are_tokenized_as_trl_tokenizes_them_with_one_bos_in_chat_rows() -> None:
+    from moe_finetune.data import row_token_ids
+
+    tokenizer = _tokenizer_with_bos()
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    chat = row_token_ids({"messages": messages}, "messages", tokenizer)
+    # what TRL's SFTTrainer calls for a conversational row
+    assert chat == list(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"])
+    assert chat.count(tokenizer.bos_token_id) == 1 and chat[0] == tokenizer.bos_token_id
+    text = row_token_ids({"text": "hello world"}, "text", tokenizer)
+    assert text == list(tokenizer("hello world").input_ids) and text[0] == tokenizer.bos_token_id
+    pair = row_token_ids({"prompt": "hello", "completion": " world"}, "prompt_completion", tokenizer)
+    assert pair == list(tokenizer("hello world").input_ids)

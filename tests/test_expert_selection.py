@@ -230,3 +230,39 @@ def test_with_auto_the_guard_judges_against_the_profile_measured_before_any_upda
     assert guard.policy.layer_baseline == pytest.approx(preset["layer_entropy"])
     assert guard.policy.baseline == pytest.approx(sum(preset["layer_entropy"]) / 2)
     assert guard.policy.state.layer_balance_baseline is not None
+
+
+_AGREE_SCRIPT = r"""
+import json, os, sys
+import torch.distributed as dist
+from moe_finetune.profile import RoutingProfile
+from moe_finetune.train import as_rank_zero_measured
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+# each rank measured something else (as a last bit of a kernel can make it): all must take rank 0's
+measured = RoutingProfile(model="m", family="mixtral", num_experts=8, top_k=2, tokens=100 + rank, examples=1)
+agreed = as_rank_zero_measured(measured)
+json.dump({"tokens": agreed.tokens}, open(os.path.join(os.environ["OUT"], f"rank{rank}.json"), "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_chooses_its_experts_from_rank_zeros_profile(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from moe_finetune.train import as_rank_zero_measured
+
+    alone = object()
+    assert as_rank_zero_measured(alone) is alone  # one process: nothing to agree with
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["tokens"] for r in (0, 1)] == [100, 100]

@@ -366,3 +366,17 @@ def test_a_run_resumed_with_other_retention_rows_measures_its_base_again(recipe_
     assert any(e["action"] == "retention_rows_changed" and e["step"] == 2 for e in events)
     after = _checks(run)[-1]["base"]
     assert after != before
+
+
+def test_a_resumed_run_checks_every_nth_logging_step_where_the_whole_run_did(recipe_factory, tmp_path, capsys):
+    recipe = recipe_factory(f"guards:\n  retention:\n    data: {_keep_file(tmp_path)}\n    every: 2\n")
+    longer = ["--set", "training.max_steps=8"]
+    code, _, err = _cli(capsys, "train", str(recipe), *longer)
+    assert code == 0, err
+    run = tmp_path / "run"
+    whole = [c["step"] for c in _checks(run)]
+    assert whole == [0, 4, 8]  # logging at 2, 4, 6, 8: every second one
+    # checkpoint-6 saved after the third window: the fourth, at step 8, is checked
+    code, _, err = _cli(capsys, "train", str(recipe), "--resume", str(run / "checkpoint-6"), *longer)
+    assert code == 0, err
+    assert [c["step"] for c in _checks(run)] == whole

@@ -124,7 +124,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.retention = retention
         self._retention_given = retention is not None
         self._model: Any = None
-        self._windows = 0  # logging windows judged since train begin: retention.every counts them
+        self._windows = 0  # logging windows judged in this run (checkpointed): retention.every counts them
         self.policy = GuardPolicy(self.config)
         self.monitor = monitor
         self._owns_monitor = False
@@ -159,6 +159,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 "_saved_requested_lr": self.requested_lr,
                 "_saved_halt_step": self.halt_step,
                 "_saved_kept_checkpoint": None if self.kept_checkpoint is None else str(self.kept_checkpoint),
+                "_saved_windows": self._windows,
             },
         }
 
@@ -170,6 +171,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.policy.load_state_dict(policy_state)
         kept = attributes.get("_saved_kept_checkpoint")
         self.kept_checkpoint = Path(kept) if kept else None
+        # retention.every counts on from the checkpoint, so a resumed run checks where the whole one did
+        self._windows = int(attributes.get("_saved_windows", 0))
         self.initial_lr = attributes.get("_saved_initial_lr")
         halt_step = attributes.get("_saved_halt_step")
         # What the user asked for then (older checkpoints: the rate the run started with).
@@ -246,6 +249,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self._begin = (args, state, control, {"model": model, "optimizer": optimizer, "lr_scheduler": lr_scheduler, **kwargs})
         else:
             self._listen(self.monitor)
+        self._model, self._windows = model, 0
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if state.global_step > 0 and saved:
             self._restore(saved[0] if isinstance(saved, list) else saved, args, state)
@@ -258,7 +262,6 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
         if self.requested_lr is None:
             self.requested_lr = float(args.learning_rate)
-        self._model, self._windows = model, 0
         if self.config.enabled and (self.config.retention.enabled or self._retention_given) and model is not None:
             self._start_retention(args, state, model, kwargs.get("processing_class"))
         return control
