@@ -35,7 +35,7 @@ from moe_finetune.data import LoadedData, load_data, row_token_ids
 from moe_finetune.errors import DataError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, find_routers, unwrap_model
 from moe_finetune.models.lora import layer_number
-from moe_finetune.models.tokens import pad_batch
+from moe_finetune.models.tokens import pad_batch, padding_id
 from moe_finetune.recipe import Recipe
 from moe_finetune.routing.affinity import gate_score, select_experts, token_ratio
 from moe_finetune.routing.capture import RoutingCapture, find_backbone, read_router_output, routing_scores
@@ -249,13 +249,12 @@ def profile_loaded(
     place_like_trainer(model, recipe)
     args = recipe.training_args()
     rows = sample_token_ids(data, tokenizer, samples, args.get("max_length"))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return measure_profile(
         model,
         family,
         rows,
         batch_size=int(args.get("per_device_train_batch_size", 8)),
-        pad_id=pad_id,
+        pad_id=padding_id(tokenizer),
         model_name=recipe.model.name,
         echo=_progress(echo),
     )

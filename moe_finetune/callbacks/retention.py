@@ -28,16 +28,10 @@ import torch
 from moe_finetune.callbacks.monitor import world_size
 from moe_finetune.data import row_token_ids
 from moe_finetune.errors import DataError
-from moe_finetune.models.tokens import pad_batch, summed_token_loss
+from moe_finetune.models.tokens import pad_batch, padding_id, summed_token_loss
 from moe_finetune.sections import DataSection, RetentionConfig
 
 DEFAULT_MAX_LENGTH = 1024  # SFTConfig's own default max_length
-
-
-def _pad_id(tokenizer: Any) -> int:
-    """Padding is masked out of the loss; any id works, the tokenizer's own is the least surprising."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return int(pad_id if pad_id is not None else 0)
 
 
 def _input_device(model: Any) -> torch.device:
@@ -82,7 +76,7 @@ class RetentionSet:
         cls, texts: Sequence[str], tokenizer: Any, *, max_length: int, batch_size: int, source: str = "texts"
     ) -> RetentionSet:
         rows = [list(tokenizer(text).input_ids)[:max_length] for text in texts]
-        return cls(rows=rows, pad_id=_pad_id(tokenizer), batch_size=batch_size, source=source)
+        return cls(rows=rows, pad_id=padding_id(tokenizer), batch_size=batch_size, source=source)
 
     @classmethod
     def from_settings(
@@ -103,7 +97,7 @@ class RetentionSet:
         max_length = settings.max_length or training_max_length or DEFAULT_MAX_LENGTH
         return cls(
             rows=[row_token_ids(row, loaded.schema, tokenizer)[:max_length] for row in loaded.rows],
-            pad_id=_pad_id(tokenizer),
+            pad_id=padding_id(tokenizer),
             batch_size=settings.batch_size or training_batch_size,
             source=str(path),
         )

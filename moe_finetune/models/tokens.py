@@ -16,6 +16,13 @@ import torch
 LOSS_CHUNK = 1024
 
 
+def padding_id(tokenizer: Any) -> int:
+    """The id that fills a batch's short rows. Padding is masked out of every reading, so any id works; the
+    tokenizer's own (else its EOS) is the least surprising, and one rule serves every reader."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return int(pad_id if pad_id is not None else 0)
+
+
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id rows as one right-padded (input_ids, attention_mask) pair."""
     width = max(len(ids) for ids in rows)

@@ -341,10 +341,10 @@ def build_trained(
 
 def encode_chunks(tokenizer: Any, chunks: Sequence[Chunk], max_length: int = 128) -> tuple[Any, Any]:
     """Chunks as one right-padded batch: (input_ids, attention_mask), each chunk its own sequence."""
-    from moe_finetune.models.tokens import pad_batch
+    from moe_finetune.models.tokens import pad_batch, padding_id
 
     encoded = tokenizer([chunk.text for chunk in chunks], add_special_tokens=False)["input_ids"]
-    return pad_batch([ids[:max_length] for ids in encoded], tokenizer.pad_token_id)
+    return pad_batch([ids[:max_length] for ids in encoded], padding_id(tokenizer))
 
 
 def held_out_loss(
