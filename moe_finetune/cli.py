@@ -1,7 +1,8 @@
 """`moe-finetune`: parse, call, map errors to exit codes. Nothing here decides anything.
 
 Exit codes (DESIGN.md section 2): 0 success, 1 internal error (a bug), 2 invalid recipe/arguments/
-input, 3 dataset refused as too small, 4 training halted by a guard, 130 interrupted.
+input, 3 dataset refused as too small, 4 training halted by a guard, 5 a file could not be written (no
+space left on the device, no permission), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import MoeFinetuneError, RecipeError
+from moe_finetune.errors import MoeFinetuneError, OutputWriteError, RecipeError, write_failure
 
 
 def _quiet_libraries() -> None:
@@ -333,6 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - the last line of defence: a bug, reported as one
         if args.debug:
             traceback.print_exc()
+        failure = write_failure(err)
+        if failure is not None:  # a full disk or a folder we may not write: the user's to fix, not a bug
+            what, filename = failure
+            where = f" while writing {filename}" if filename else ""
+            print(f"moe-finetune: {what}{where} ({type(err).__name__}: {str(err)[:300]})", file=sys.stderr)
+            return OutputWriteError.exit_code
         return _internal_error(err)
 
 

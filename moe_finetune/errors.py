@@ -59,3 +59,36 @@ class TrainingInterrupted(MoeFinetuneError):
     """Ctrl-C / SIGTERM during training (exit 130). A checkpoint at the current step was saved."""
 
     exit_code = 130
+
+
+class OutputWriteError(MoeFinetuneError):
+    """A file could not be written: no space left on the device, or no permission (exit 5). The message
+    names the file, what is free there, and the last complete checkpoint to go on from."""
+
+    exit_code = 5
+
+
+# How a full disk reads when it does not come as an OSError: torch.save's zip writer and safetensors' Rust
+# writer turn errno 28 into messages of their own.
+_DISK_FULL_WORDS = ("no space left on device", "os error 28", "storagefull", "file write failed")
+
+
+def write_failure(err: BaseException) -> tuple[str, str | None] | None:
+    """("no space left on device" | "permission denied", the file named, if any) when `err` (or what
+    caused it) is a write the system refused; None for any other error."""
+    import errno
+
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            filename = current.filename if isinstance(current.filename, str) else None
+            if current.errno in (errno.ENOSPC, errno.EDQUOT):
+                return "no space left on device", filename
+            if current.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return "permission denied", filename
+        if any(words in str(current).lower() for words in _DISK_FULL_WORDS):
+            return "no space left on device", None
+        current = current.__cause__ or current.__context__
+    return None

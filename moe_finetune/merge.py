@@ -32,7 +32,6 @@ The folder is written under a temporary sibling name and renamed into place: nev
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -556,7 +555,11 @@ def default_output(adapter_dir: Path, run_dir: Path | None) -> Path:
 
 
 def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse a non-empty output without --overwrite, a file, and a folder that holds what is being merged."""
+    """Refuse a link or a file as --output, a folder that holds what is being merged, a non-empty one
+    without --overwrite, and, with it, any folder that is not a merged model of ours (outputs.py)."""
+    from moe_finetune.outputs import check_output_path, check_replaceable
+
+    check_output_path(output, "--output")
     resolved = output.expanduser().resolve()
     for path in protected:
         inside = path.resolve()
@@ -564,33 +567,13 @@ def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
             raise OutputDirError(
                 f"--output {output} would replace {path}, which this merge reads: choose another folder"
             )
-    if output.exists() and not output.is_dir():
-        raise OutputDirError(f"--output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputDirError(
-            f"--output {output} already exists and is not empty; pass --overwrite to replace it, or --output to "
-            "write elsewhere"
-        )
-
-
-def publish(staging: Path, output: Path) -> None:
-    """Put a finished folder at `output` by renames only, so `output` is never half-written; an old
-    `output` (--overwrite) is moved aside first and deleted once the new one is in place."""
-    aside = None
-    if output.is_dir():
-        if any(output.iterdir()):
-            aside = output.with_name(f".{output.name}.replaced-{os.getpid()}")
-            output.rename(aside)
-        else:
-            output.rmdir()
-    try:
-        staging.rename(output)
-    except BaseException:
-        if aside is not None:
-            aside.rename(output)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputDirError(
+                f"--output {output} already exists and is not empty; pass --overwrite to replace it, or --output "
+                "to write elsewhere"
+            )
+        check_replaceable(output, "--output", "merge", reads=protected)
 
 
 def _save_weights_shard_by_shard(model: Any, folder: Path, max_shard_size: str | int) -> None:
@@ -627,8 +610,15 @@ def _save_weights_shard_by_shard(model: Any, folder: Path, max_shard_size: str |
             del model.hf_device_map
 
 
-def save_merged(model: Any, tokenizer: Any, output: Path, max_shard_size: str | int) -> None:
-    """save_pretrained into a temporary sibling, then renamed into place (removed if anything fails)."""
+def save_merged(
+    model: Any, tokenizer: Any, output: Path, max_shard_size: str | int, provenance: dict[str, Any]
+) -> None:
+    """save_pretrained into a temporary sibling, then renamed into place (removed if anything fails).
+    `provenance` (what was merged onto what) goes into the folder's marker, which also tells a later
+    `merge --overwrite` that the folder is one it may replace."""
+    from moe_finetune.outputs import MERGE_MARKER, publish
+    from moe_finetune.rundir import write_whole
+
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
@@ -638,6 +628,7 @@ def save_merged(model: Any, tokenizer: Any, output: Path, max_shard_size: str | 
             model.generation_config.use_cache = True
         _save_weights_shard_by_shard(model, staging, max_shard_size)
         tokenizer.save_pretrained(staging)
+        write_whole(staging / MERGE_MARKER, json.dumps(provenance, indent=2) + "\n")
         publish(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -730,7 +721,13 @@ def merge_adapter(
             f"the merged model does not reproduce the adapted one ({check.line()}).{where} Nothing was written. "
             "This is a bug in merging (please report it with the adapter's adapter_config.json)"
         )
-    save_merged(merged, tokenizer, target, max_shard_size)
+    provenance = {
+        "adapter": str(source.adapter_dir.resolve()),
+        "base": source.model.name,
+        "dtype": merged_dtype,
+        "check": check.line(),
+    }
+    save_merged(merged, tokenizer, target, max_shard_size, provenance)
     files = sorted(p.name for p in target.iterdir())
     parameters = sum(p.numel() for p in merged.parameters())
     echo(f"merged model written to {target} ({parameters:,} parameters, {merged_dtype}, {len(files)} files)")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from moe_finetune.models.tokens import pad_batch, padding_id
 from moe_finetune.recipe import Recipe
 from moe_finetune.routing.affinity import gate_score, select_experts, token_ratio
 from moe_finetune.routing.capture import RoutingCapture, find_backbone, read_router_output, routing_scores
+from moe_finetune.rundir import write_whole
 
 DEFAULT_SAMPLES = 8192
 PROFILE_FILE = "profile.json"
@@ -356,10 +356,7 @@ def write_profile(profile: RoutingProfile, output_dir: Path, top_p: float = 0.2)
     data = profile.to_dict()
     data["selection"] = {score: profile.selection(score, top_p) for score in ("gate", "token")}
     data["top_p"] = top_p
-    path = output_dir / PROFILE_FILE
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    path = write_whole(output_dir / PROFILE_FILE, json.dumps(data, indent=1) + "\n")
     return path, save_figure(heatmap_figure(profile, top_p), output_dir / HEATMAP_FILE)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_finetune.errors import RecipeError
+from moe_finetune.errors import RecipeError, write_failure
 from moe_finetune.rundir import (
     ADAPTER_DIR,
     EVENTS_FILE,
@@ -43,8 +42,11 @@ from moe_finetune.rundir import (
     RETENTION_FILE,
     ROUTING_FILE,
     RUN_SUMMARY_FILE,
+    adapter_problem,
     checkpoint_steps,
+    damaged_checkpoints,
     read_jsonl,
+    write_whole,
 )
 
 LOAD_SHARE_PLOT = "load_share.png"
@@ -185,6 +187,11 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
             f"no {ROUTING_FILE}: the RoutingMonitor was off (monitor.enabled false) or no logging step was "
             "reached, so there are no routing plots"
         )
+    for name, problem in damaged_checkpoints(path):
+        notes.append(f"{name} is not whole ({problem}): left out; it cannot be resumed from")
+    adapter = path / ADAPTER_DIR
+    if adapter.is_dir() and adapter_problem(adapter) is not None:
+        notes.append(f"{ADAPTER_DIR}/ is not whole ({adapter_problem(adapter)}): it cannot be merged or served")
     skipped_events: list[int] = []
     events = list(read_jsonl(path / EVENTS_FILE, skipped_events))
     if skipped_events:
@@ -200,7 +207,7 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
         series=series,
         events=events,
         checkpoints=checkpoint_steps(path),
-        has_adapter=(path / ADAPTER_DIR).is_dir(),
+        has_adapter=(path / ADAPTER_DIR).is_dir() and adapter_problem(path / ADAPTER_DIR) is None,
         notes=notes,
         retention=retention,
     )
@@ -399,13 +406,14 @@ def final_halt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def run_status(run: RunData) -> str:
-    """How the run ended: finished, halted, interrupted, or stopped (no end recorded: killed, or running).
+    """How the run ended: finished, halted, interrupted, failed (an error `train` caught and recorded), or
+    stopped (no end recorded: killed, or running).
 
     `train` records it in run_summary.json; without one (a Trainer driven by hand, an older run) the
     run directory says it: a halt event not resumed from, or a final adapter.
     """
     recorded = run.summary.get("status")
-    if recorded in ("finished", "halted", "interrupted"):
+    if recorded in ("finished", "halted", "interrupted", "failed"):
         return str(recorded)
     if final_halt(run.events) is not None:
         return "halted"
@@ -418,7 +426,7 @@ def run_status(run: RunData) -> str:
 class Verdict:
     """How the run went, in one line a person can act on."""
 
-    kind: str  # healthy | cut | halted | interrupted | stopped | unguarded
+    kind: str  # healthy | cut | halted | interrupted | failed | stopped | unguarded
     line: str
     step: int | None = None
     cuts: int = 0
@@ -435,6 +443,7 @@ def judge(
     guard: str = "on",
     worst_fall: tuple[str, float] | None = None,
     halt_drop: float = DEFAULT_HALT_BALANCE_DROP,
+    failure: str | None = None,
 ) -> Verdict:
     """The verdict from how the run ended and its guard events (pure: no files).
 
@@ -471,12 +480,19 @@ def judge(
             step=last_step,
             cuts=len(cuts),
         )
-    if status == "stopped":
-        go_on = (
-            f"continue from checkpoint-{newest_checkpoint} with `--resume`"
-            if newest_checkpoint is not None
-            else "no checkpoint was saved to continue from"
+    go_on = (
+        f"continue from checkpoint-{newest_checkpoint} with `--resume`"
+        if newest_checkpoint is not None
+        else "no checkpoint was saved to continue from"
+    )
+    if status == "failed":
+        return Verdict(
+            "failed",
+            f"**Failed at step {last_step}**{of}: {failure or 'an error ended it'}; {go_on}.",
+            step=last_step,
+            cuts=len(cuts),
         )
+    if status == "stopped":
         return Verdict(
             "stopped",
             f"**Stopped at step {last_step}**{of} with no end recorded (killed, crashed or still running) and no "
@@ -551,6 +567,7 @@ def verdict_of(run: RunData) -> Verdict:
         guard=run.guard,
         worst_fall=worst,
         halt_drop=run.halt_balance_drop or DEFAULT_HALT_BALANCE_DROP,
+        failure=run.summary.get("error") if isinstance(run.summary.get("error"), str) else None,
     )
 
 
@@ -608,9 +625,7 @@ def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Repo
             written.append(plots.save_figure(figure, run.run_dir / name))
         text = render_markdown(run, verdict, [p.name for p in written], other, labels)
         path = run.run_dir / REPORT_FILE
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)  # a reader never sees half a report
+        write_whole(path, text)  # a reader never sees half a report
     except OSError as err:
         raise RecipeError(f"report: cannot write the report into {run.run_dir}: {err}") from None
     return Report(path=path, figures=written, verdict=verdict, notes=list(run.notes))
@@ -974,8 +989,13 @@ def write_run_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
     Written at the start (status "running": a run killed later still says what it was) and again at its end.
     """
-    path = run_dir / RUN_SUMMARY_FILE
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    path, text = run_dir / RUN_SUMMARY_FILE, json.dumps(summary, indent=2, default=str) + "\n"
+    try:
+        return write_whole(path, text)
+    except OSError as err:
+        if write_failure(err) is None or not path.is_file():
+            raise
+        # A full disk has no room for a second copy, but the old file's own blocks are freed and reused by
+        # rewriting it in place: a run that filled the disk still says so (a cut-short copy reads as none).
+        path.write_text(text, encoding="utf-8")
+        return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,10 +54,12 @@ def read_jsonl(path: Path, skipped: list[int] | None = None) -> Iterator[dict[st
 
     `skipped`, when given, collects the (1-based) numbers of the skipped lines, so a reader that must
     say what it could not read (the run report) can; blank lines are not records and not counted.
+    Lines end at \n only, as `append_jsonl` writes them: a \r inside a damaged line is one more
+    byte of that line, not a line of its own (text mode's universal newlines would count each).
     """
     if not path.is_file():
         return
-    with path.open(encoding="utf-8", errors="replace") as handle:
+    with path.open(encoding="utf-8", errors="replace", newline="\n") as handle:
         for number, line in enumerate(handle, start=1):
             try:
                 record = json.loads(line)
@@ -68,22 +71,114 @@ def read_jsonl(path: Path, skipped: list[int] | None = None) -> Iterator[dict[st
                 skipped.append(number)
 
 
+def write_whole(path: Path, text: str) -> Path:
+    """Write `text` to `path` so a reader sees the old file or the whole new one, never a part: written
+    beside it, then renamed over it. A failed write (a full disk) removes its partial copy."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def keep_records_up_to(path: Path, step: int) -> None:
     """Drop the records past `step`: a resumed run continues after its checkpoint's step, so lines
     written past it (by the attempt that stopped) would repeat; a fresh run (step 0) starts the file over."""
     if not path.exists():
         return
     kept = [] if step == 0 else [record for record in read_jsonl(path) if record.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
+    write_whole(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def checkpoint_steps(output_dir: Path, complete_only: bool = True) -> list[int]:
-    """Steps of the `checkpoint-N` folders in a run (complete ones have trainer_state.json), ascending."""
+    """Steps of the `checkpoint-N` folders in a run, ascending: only whole ones (`checkpoint_problem`)
+    unless `complete_only` is False."""
     if not output_dir.is_dir():
         return []
     steps = []
     for path in output_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and path.is_dir() and (not complete_only or (path / "trainer_state.json").is_file()):
+        if suffix.isdigit() and path.is_dir() and (not complete_only or checkpoint_problem(path) is None):
             steps.append(int(suffix))
     return sorted(steps)
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is whole when its header parses and its size is the header's data end."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path.name} is cut short ({size} bytes)"
+        length = int.from_bytes(prefix, "little")
+        if length > size - 8:
+            return f"{path.name} is cut short ({size} bytes, its header alone says {length + 8})"
+        try:
+            header = json.loads(handle.read(length))
+        except ValueError:
+            return f"{path.name} has an unreadable header"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    expected = 8 + length + max(ends, default=0)
+    if size != expected:
+        return f"{path.name} is cut short ({size} of {expected} bytes)"
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why one file of a checkpoint cannot be what its writer meant, or None (checked by format, cheaply:
+    JSON parses, a safetensors file is as long as its header says, a torch.save zip has its directory)."""
+    import zipfile
+
+    suffix = path.suffix
+    try:
+        if suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".safetensors":
+            return _safetensors_problem(path)
+        elif suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path.name} is cut short or damaged (not a whole torch.save file)"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path.name} is cut short or damaged (not whole JSON)"
+    except OSError as err:
+        return f"{path.name} cannot be read ({err.strerror or err})"
+    return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a `checkpoint-N` folder cannot be resumed, merged or reported on, or None when it is whole.
+
+    The Trainer writes a checkpoint file by file, in place: a crash or a full disk leaves a folder with
+    some files missing or cut short, which then fails deep inside `--resume`. Every file is checked."""
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "it has no trainer_state.json (its save did not finish)"
+    return folder_problem(checkpoint)
+
+
+def folder_problem(folder: Path) -> str | None:
+    """The first file in `folder` (and below) that is cut short or damaged, said in words; None if none."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            problem = _file_problem(path)
+            if problem is not None:
+                return problem
+    return None
+
+
+def adapter_problem(adapter_dir: Path) -> str | None:
+    """Why a saved adapter folder cannot be loaded, or None (the same file checks as a checkpoint's)."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        return "it has no adapter_config.json"
+    return folder_problem(adapter_dir)
+
+
+def damaged_checkpoints(output_dir: Path) -> list[tuple[str, str]]:
+    """(folder name, what is wrong) for each `checkpoint-N` of a run that is not whole, ascending."""
+    complete = set(checkpoint_steps(output_dir))
+    return [
+        (f"checkpoint-{step}", checkpoint_problem(output_dir / f"checkpoint-{step}") or "")
+        for step in checkpoint_steps(output_dir, complete_only=False)
+        if step not in complete
+    ]

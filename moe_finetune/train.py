@@ -1,10 +1,12 @@
 """From a validated Recipe to a finished run directory, in a straight line you can step through.
 
 Order matters and is the contract: the recipe and its files are checked, the dataset is loaded and
-counted (refused if too small) before any model is loaded, and the output directory is cleared and
-written only once everything that can be checked has been. A failure before the first training step
-takes back the folder it made (an existing run is cleared by --overwrite only once the trainer is
-built); a failure during training leaves the checkpoints already saved.
+counted (refused if too small) and the output directory checked before any model is loaded, and the
+output directory is written only once everything that can be checked has been. --overwrite replaces only
+a run directory of ours (moe_finetune/outputs.py), moved aside whole once the trainer is built and deleted
+when the new run has ended; a failure before the first training step takes back only what it made and
+puts the old run back; a failure during training leaves the checkpoints already saved and says in
+run_summary.json what ended it.
 
 `build_trainer(recipe)` is the guarded SFTTrainer a recipe describes, for users who drive it
 themselves; `run(recipe)` is `build_trainer` plus the run directory, the interrupt handling, the exit
@@ -23,7 +25,13 @@ from typing import Any
 
 from moe_finetune.callbacks.dataset_size import DatasetSizeGuard, check_dataset_size, count_examples
 from moe_finetune.data import LoadedData, load_data
-from moe_finetune.errors import OutputDirError, RecipeError, TrainingHalted, TrainingInterrupted
+from moe_finetune.errors import (
+    OutputDirError,
+    OutputWriteError,
+    RecipeError,
+    TrainingHalted,
+    TrainingInterrupted,
+)
 from moe_finetune.models.families import FamilySpec, family_for_model
 from moe_finetune.models.loading import load_model_and_tokenizer
 from moe_finetune.models.lora import Coverage, apply_lora, coverage
@@ -34,8 +42,11 @@ from moe_finetune.rundir import (
     EVENTS_FILE,
     REPORT_FILE,
     RESOLVED_RECIPE_FILE,
+    checkpoint_problem,
     checkpoint_steps,
+    damaged_checkpoints,
     read_jsonl,
+    write_whole,
 )
 from moe_finetune.sections import DEFAULT_MIN_EXAMPLES
 
@@ -58,15 +69,37 @@ class RunResult:
 # The pieces of a trainer
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: bool = False) -> None:
-    """Never silently overwrite a run: a non-empty directory needs --overwrite (or --resume)."""
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"output_dir: {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+def recipe_reads(recipe: Recipe) -> list[Path]:
+    """The files and folders a run reads (recipe, data, retention rows, a local model or config): no output
+    directory may hold them, or replacing it would delete the run's own input."""
+    reads = [recipe.resolve_path(recipe.data.path)]
+    if recipe.source:
+        reads.append(Path(recipe.source))
+    if recipe.guards.retention.data is not None:
+        reads.append(recipe.resolve_path(recipe.guards.retention.data))
+    if recipe.model.config:
+        reads.append(recipe.resolve_path(recipe.model.config))
+    local_model = recipe.resolve_path(recipe.model.name)
+    if local_model.exists():
+        reads.append(local_model)
+    return reads
+
+
+def check_output_dir(path: Path, overwrite: bool, resume: bool = False, reads: list[Path] | None = None) -> None:
+    """Never silently overwrite a run: a non-empty directory needs --overwrite (or --resume), and
+    --overwrite replaces only a run directory of ours (moe_finetune/outputs.py says which). Checked before
+    any model loads."""
+    from moe_finetune.outputs import check_output_path, check_replaceable
+
+    check_output_path(path, "output_dir")
+    if not (path.is_dir() and any(path.iterdir())) or resume:
+        return
+    if not overwrite:
         raise OutputDirError(
             f"output_dir: {path} already exists and is not empty; pass --overwrite to replace it, "
             "--resume to continue its last checkpoint, or --output-dir to write elsewhere"
         )
+    check_replaceable(path, "output_dir", "run", reads=reads or [])
 
 
 def load_training_data(recipe: Recipe, allow_small_dataset: bool = False) -> tuple[LoadedData, str | None]:
@@ -311,8 +344,24 @@ def save_adapter(trainer: Any, adapter_dir: Path) -> None:
 
     PEFT's `get_peft_model_state_dict` picks the adapter's tensors. Under FSDP2 they are sharded
     DTensors: every rank takes part in gathering them (in the same order), then rank 0 writes. Under
-    ZeRO-3 the Trainer's own `save_model` knows how to gather.
+    ZeRO-3 the Trainer's own `save_model` knows how to gather. Written into a hidden sibling and renamed
+    into place, so `adapter/` is whole or absent: a full disk never leaves one that `merge` would trust.
     """
+    import tempfile
+
+    from moe_finetune.outputs import publish
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
+    try:
+        write_adapter(trainer, staging)
+        if trainer.is_world_process_zero():
+            publish(staging, adapter_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_adapter(trainer: Any, adapter_dir: Path) -> None:
     if getattr(trainer, "is_deepspeed_enabled", False):
         trainer.save_model(str(adapter_dir))
         return
@@ -335,25 +384,29 @@ def save_adapter(trainer: Any, adapter_dir: Path) -> None:
 
 
 def last_checkpoint(output_dir: Path) -> str | None:
-    """The newest complete checkpoint (a save cut short by a crash has no trainer_state.json)."""
+    """The newest whole checkpoint: one a crash or a full disk cut short is never chosen (rundir.py)."""
     steps = checkpoint_steps(output_dir)
     return str(output_dir / f"checkpoint-{steps[-1]}") if steps else None
 
 
-def resume_point(output_dir: Path, resume: str | bool | None) -> str | None:
-    """The checkpoint `--resume [CKPT]` means, checked to be a complete Trainer checkpoint."""
+def resume_point(output_dir: Path, resume: str | bool | None, echo: Echo = print) -> str | None:
+    """The checkpoint `--resume [CKPT]` means, checked to be whole; newer damaged ones are named and skipped."""
     if not resume:
         return None
-    checkpoint = resume if isinstance(resume, str) else last_checkpoint(output_dir)
-    if checkpoint is None:
+    newest = last_checkpoint(output_dir)
+    if isinstance(resume, str):
+        problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "it does not exist"
+        if problem is not None:
+            instead = f"; the newest whole checkpoint is {newest}" if newest else ""
+            raise OutputDirError(f"--resume: {resume} cannot be resumed: {problem}{instead}")
+        return resume
+    if newest is None:
         raise OutputDirError(f"--resume: no complete checkpoint to resume from in {output_dir}")
-    if not (Path(checkpoint) / "trainer_state.json").is_file():
-        names = ", ".join(sorted(p.name for p in output_dir.glob("checkpoint-*"))) or "none"
-        raise OutputDirError(
-            f"--resume: {checkpoint} is not a complete Trainer checkpoint (no trainer_state.json); "
-            f"checkpoints in {output_dir}: {names}"
-        )
-    return checkpoint
+    newest_step = int(Path(newest).name.removeprefix("checkpoint-"))
+    for name, problem in damaged_checkpoints(output_dir):
+        if int(name.removeprefix("checkpoint-")) > newest_step:
+            echo(f"warning: skipping {output_dir / name}: {problem}; resuming {newest} instead")
+    return newest
 
 
 def continue_command(recipe: Recipe, output_dir: Path, drop: tuple[str, ...] = ()) -> str:
@@ -368,14 +421,53 @@ def continue_command(recipe: Recipe, output_dir: Path, drop: tuple[str, ...] = (
     return " ".join(shlex.quote(word) for word in words)
 
 
-def start_run_directory(trainer: Any, recipe: Recipe, output_dir: Path, *, clear: bool) -> None:
-    """Clear (on --overwrite) and write the run directory: the main process only; the others wait for it."""
+def start_run_directory(trainer: Any, recipe: Recipe, output_dir: Path, *, clear: bool) -> Path | None:
+    """Write the run directory (the main process; the others wait for it). On --overwrite the old run is
+    moved aside whole, not deleted: returned, to be deleted once the new run has ended or put back if it
+    fails before its first step."""
+    from moe_finetune.outputs import move_aside
+
+    aside = None
     if trainer.is_world_process_zero():
-        if clear and output_dir.exists():
-            shutil.rmtree(output_dir)
+        if clear and output_dir.is_dir() and any(output_dir.iterdir()):
+            aside = move_aside(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / RESOLVED_RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+        write_whole(output_dir / RESOLVED_RECIPE_FILE, recipe.to_yaml())
     trainer.accelerator.wait_for_everyone()
+    return aside
+
+
+def write_failure_message(err: BaseException, output_dir: Path) -> str | None:
+    """For a write the system refused (full disk, permissions): the one paragraph saying which file, how
+    much is free, and the checkpoint to go on from; None for any other error."""
+    from moe_finetune.errors import write_failure
+
+    failure = write_failure(err)
+    if failure is None:
+        return None
+    what, filename = failure
+    where = filename or newest_file(output_dir) or str(output_dir)
+    free = ""
+    for folder in (Path(where).parent, output_dir, output_dir.parent):
+        if folder.is_dir():
+            free = f" ({shutil.disk_usage(folder).free:,} bytes free there)"
+            break
+    checkpoint = last_checkpoint(output_dir)
+    go_on = (
+        f"the last complete checkpoint is {checkpoint}: free some space, then continue it with --resume"
+        if checkpoint
+        else "no complete checkpoint was saved: free some space and start again"
+    )
+    return f"{what} while writing {where}{free}; {go_on}"
+
+
+def newest_file(folder: Path) -> str | None:
+    """The file most recently written under `folder`: where a write that named no file was going."""
+    try:
+        files = [p for p in folder.rglob("*") if p.is_file()]
+    except OSError:
+        return None
+    return str(max(files, key=lambda p: p.stat().st_mtime_ns)) if files else None
 
 
 def run_summary(trainer: Any, recipe: Recipe, output_dir: Path) -> dict[str, Any]:
@@ -426,19 +518,23 @@ def run(
     from moe_finetune.callbacks.console import use_routing_console
     from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.interrupt import InterruptCallback
-    from moe_finetune.callbacks.monitor import RoutingMonitor
-    from moe_finetune.report import trouble_checkpoint
+    from moe_finetune.outputs import discard, left_aside, put_back
 
     start = time.perf_counter()
     output_dir = Path(recipe.output_dir or "runs/run")
     check_files(recipe)
-    check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume))
-    resume_from = resume_point(output_dir, resume)
+    check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume), reads=recipe_reads(recipe))
+    resume_from = resume_point(output_dir, resume, echo)
     for warning in recipe_warnings(recipe):
         echo(f"warning: {warning}")
+    for kept in left_aside(output_dir):
+        echo(
+            f"warning: {kept} is the run an earlier --overwrite of {output_dir} moved aside and was stopped "
+            "before it could delete; it is whole: rename it back or delete it yourself"
+        )
 
     existed = output_dir.exists()
-    trainer, cleared = None, False
+    trainer, aside, summary = None, None, None
     try:
         trainer = build_trainer(recipe, allow_small_dataset=allow_small_dataset, echo=echo)
         console = use_routing_console(trainer, echo)  # one routing line per logging step, not HF's raw dict
@@ -446,8 +542,7 @@ def run(
             guard.report_on_halt = False  # the report is written below, at every end of the run
             if guard.echo is not None and trainer.is_world_process_zero():
                 guard.echo = console.write  # its lines above the progress bar, not through it
-        start_run_directory(trainer, recipe, output_dir, clear=overwrite and not resume)
-        cleared = overwrite and not resume
+        aside = start_run_directory(trainer, recipe, output_dir, clear=overwrite and not resume)
         summary = run_summary(trainer, recipe, output_dir)
         if trainer.is_world_process_zero():
             from moe_finetune.report import write_run_summary
@@ -460,17 +555,53 @@ def run(
             result = trainer.train(resume_from_checkpoint=resume_from)
         finally:
             interrupt.uninstall()
-    except BaseException:
-        # Failed before the first step (a model that does not load, a scheduler the guard refuses at
-        # train begin, ...): take back the folder this attempt made. A run that trained keeps its
-        # checkpoints; a folder that was there before is left alone (--overwrite clears it only once
-        # the trainer is built).
-        made_here = not existed or cleared
+        outcome = end_of_run(trainer, recipe, output_dir, summary, interrupt, result, start, echo)
+    except (TrainingHalted, TrainingInterrupted) as ended:
+        if aside is not None and isinstance(ended, TrainingHalted):
+            discard(aside)  # the halted run stands in its place, checkpoint and report written
+        elif aside is not None:
+            echo(f"the run this one replaces is kept, whole, at {aside} until you delete it")
+        raise
+    except BaseException as err:
         started = trainer is not None and trainer.state.global_step > 0
         is_main = trainer is None or trainer.is_world_process_zero()
-        if made_here and not started and is_main and last_checkpoint(output_dir) is None:
-            shutil.rmtree(output_dir, ignore_errors=True)
+        message = write_failure_message(err, output_dir)
+        if is_main and not started and last_checkpoint(output_dir) is None:
+            # Failed before the first step (a model that does not load, a scheduler the guard refuses at train
+            # begin, a full disk): take back only what this attempt made. The run it was replacing returns
+            # whole; a folder that was there before (empty, or being resumed) stays.
+            if aside is not None:
+                put_back(aside, output_dir)
+            elif not existed:
+                shutil.rmtree(output_dir, ignore_errors=True)
+        elif trainer is not None and summary is not None:
+            # It trained: run_summary.json and the report say what ended it, not "running" or "healthy".
+            ended = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            reason = message or f"{type(err).__name__}: {str(err)[:300]}"
+            seconds = round(time.perf_counter() - start, 1)
+            write_run_report(trainer, output_dir, summary, echo, status=ended, error=reason, seconds=seconds)
+        if message is not None:
+            raise OutputWriteError(message) from err
         raise
+    discard(aside)
+    return outcome
+
+
+def end_of_run(
+    trainer: Any,
+    recipe: Recipe,
+    output_dir: Path,
+    summary: dict[str, Any],
+    interrupt: Any,
+    result: Any,
+    start: float,
+    echo: Echo,
+) -> RunResult:
+    """After `trainer.train` returned: a halt or an interrupt raised (exit 4 / 130), or the final adapter
+    saved; the report written at each."""
+    from moe_finetune.callbacks.guard import EntropyGuard
+    from moe_finetune.callbacks.monitor import RoutingMonitor
+    from moe_finetune.report import trouble_checkpoint
 
     callbacks = trainer.callback_handler.callbacks
     monitor = next((c for c in callbacks if isinstance(c, RoutingMonitor)), None)

@@ -284,13 +284,16 @@ def test_merge_refuses_a_non_empty_output_without_overwrite(random_adapter, tmp_
     assert (out / "keep.txt").read_text() == "earlier work"
 
 
-def test_overwrite_replaces_the_output_whole(random_adapter, tmp_path: Path, capsys) -> None:
+def test_overwrite_replaces_an_earlier_merge_whole(random_adapter, tmp_path: Path, capsys) -> None:
     out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("earlier work")
+    code, _, err = cli(capsys, "merge", str(random_adapter), "--output", str(out))
+    assert code == 0, err
+    marker = json.loads((out / "moe_finetune_merge.json").read_text())
+    assert marker["adapter"] == str(random_adapter.resolve()) and marker["check"]
+    (out / "config.json").write_text("{}")  # an earlier merge, changed since: replaced whole
     code, _, err = cli(capsys, "merge", str(random_adapter), "--output", str(out), "--overwrite")
     assert code == 0, err
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["model_type"] == "mixtral"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no staging or set-aside folder left
 
 

@@ -137,6 +137,7 @@ def make_run(
         (folder / RUN_SUMMARY_FILE).write_text(json.dumps(summary))
     if adapter:
         (folder / ADAPTER_DIR).mkdir()
+        (folder / ADAPTER_DIR / "adapter_config.json").write_text("{}")  # a whole adapter has its config
     return folder
 
 
