@@ -47,7 +47,7 @@ from moe_finetune.models.families import FamilySpec, family_for_model, find_rout
 from moe_finetune.models.loading import from_pretrained_kwargs, is_unreadable_model_error, resolve_model_path
 from moe_finetune.models.tiny import is_tiny_name
 from moe_finetune.routing.capture import read_router_output
-from moe_finetune.rundir import ADAPTER_DIR, RESOLVED_RECIPE_FILE, checkpoint_steps
+from moe_finetune.rundir import ADAPTER_DIR, RESOLVED_RECIPE_FILE, adapter_problem, checkpoint_steps
 from moe_finetune.sections import LoraSection, ModelSection
 
 Echo = Callable[[str], None]
@@ -160,6 +160,11 @@ def resolve_source(path: str | Path, base: str | None = None, dtype: str = "auto
         raise RecipeError(
             f"{adapter_dir} has {ADAPTER_CONFIG} but no adapter weights ({' or '.join(ADAPTER_WEIGHTS)})"
         )
+    problem = adapter_problem(adapter_dir)
+    if problem is not None:
+        steps = checkpoint_steps(run_dir) if run_dir is not None else []
+        whole = f"; the run's newest whole checkpoint is {run_dir / f'checkpoint-{steps[-1]}'}" if steps else ""
+        raise RecipeError(f"{adapter_dir} is not a whole adapter: {problem} (a write cut short){whole}")
     config = _read_json(adapter_dir / ADAPTER_CONFIG)
     named = config.get("base_model_name_or_path") or None
     raw_model, raw_lora = _read_recipe_sections(run_dir) if run_dir is not None else ({}, {})

@@ -459,3 +459,19 @@ def test_a_disk_that_fills_while_the_adapter_is_saved_leaves_no_adapter_to_trust
     assert summary["status"] == "failed"
     code, _, err = _run(capsys, "merge", str(run))
     assert code == 2 and "has no adapter" in err
+
+
+@pytest.mark.parametrize("command", ["merge", "generate"])
+def test_merge_and_generate_refuse_an_adapter_cut_short_naming_the_file(
+    command: str, random_adapter, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(random_adapter, adapter)
+    tokenizer = adapter / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:4096])
+    extra = ["--output", str(tmp_path / "out")] if command == "merge" else ["--prompt", "hi"]
+    code, _, err = _run(capsys, command, str(adapter), *extra)
+    assert code == 2, err
+    assert "not a whole adapter" in err and "tokenizer.json" in err and "internal error" not in err
