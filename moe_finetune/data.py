@@ -333,12 +333,16 @@ def _normalise_columns(raw: Any, section: DataSection) -> tuple[Any, str]:
 
 
 def _checked_lines(path: Path) -> Iterator[str]:
-    """The file's lines as text (universal newlines), refusing the first one that is not UTF-8."""
+    """The file's lines as text (universal newlines), refusing the first one that is not UTF-8.
+
+    A UTF-8 byte-order mark at the start (Excel and Notepad write one) is not part of the text:
+    left in, it would stick to the CSV header's first name ('\ufeffprompt') or fail json.loads.
+    """
     # surrogateescape keeps reading past a bad byte so the line it is on can be counted and named.
     with (
-        gzip.open(path, "rt", encoding="utf-8", errors="surrogateescape")
+        gzip.open(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
         if path.name.endswith(".gz")
-        else open(path, encoding="utf-8", errors="surrogateescape")
+        else open(path, encoding="utf-8-sig", errors="surrogateescape")
     ) as handle:
         for number, line in enumerate(handle, start=1):
             try:

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 import typing
 from collections.abc import Callable
 from functools import cache
@@ -183,9 +184,31 @@ def _sft_fields() -> dict[str, Any]:
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(SFTConfig) if f.init}
 
 
+# How much of a value a message echoes: enough to recognise it, never the whole of a large one.
+MAX_SHOWN_CHARS = 200
+
+
+def _brief_repr() -> reprlib.Repr:
+    # reprlib stops walking a value at these limits, so even a value of millions of nodes costs
+    # a few hundred steps to show (repr() would build it whole before any cut).
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxdict, shown.maxset = 3, 8, 8, 8, 8
+    shown.maxstring = shown.maxother = shown.maxlong = 80
+    return shown
+
+
+_BRIEF = _brief_repr()
+
+
+def brief(value: Any, limit: int = MAX_SHOWN_CHARS) -> str:
+    """A value as messages show it: its repr, cut to `limit` characters with '...' where it is longer."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _show(value: Any) -> str:
     """A number as a person typed it: 0 not 0.0, 1e-05, nan."""
-    return format(value, "g") if isinstance(value, float) else repr(value)
+    return format(value, "g") if isinstance(value, float) else brief(value)
 
 
 def _check_training_numbers(values: dict[str, Any], raw: dict[str, Any]) -> None:
@@ -248,7 +271,7 @@ def validate_training_section(values: dict[str, Any]) -> dict[str, Any]:
         except ValidationError as err:
             expected = getattr(fields[key], "__name__", str(fields[key]))
             raise ValueError(
-                f"training.{key}: {value!r} is not a valid {expected} ({err.errors()[0]['msg']})"
+                f"training.{key}: {brief(value)} is not a valid {expected} ({err.errors()[0]['msg']})"
             ) from None
     _check_training_numbers(checked, values)
     if checked.get("restore_callback_states_from_checkpoint") is True:
@@ -256,8 +279,69 @@ def validate_training_section(values: dict[str, Any]) -> dict[str, Any]:
     return checked
 
 
+# A recipe reuses an anchor a few times (a shared block, a model name); aliases that expand to more
+# nodes than this are a "billion laughs" (9 aliases of 9 aliases, 9 levels deep: 534 bytes that
+# validation would expand to 2.8 GB), refused before anything walks the expanded value.
+MAX_ALIAS_NODES = 10_000
+
+
+class AliasExpansionError(yaml.YAMLError):
+    """A document whose aliases expand beyond MAX_ALIAS_NODES nodes, or into themselves."""
+
+    def __init__(self, anchor_line: int, recursive: bool) -> None:
+        super().__init__(anchor_line, recursive)
+        self.anchor_line = anchor_line
+        self.recursive = recursive
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def check_alias_expansion(root: yaml.Node, limit: int = MAX_ALIAS_NODES) -> None:
+    """Raise AliasExpansionError where the composed document's aliases expand past `limit` nodes.
+
+    The composer gives every alias the anchored node itself, so the document is a graph of its
+    distinct nodes. Walked depth first, each node is entered once; every further reference to it
+    (an alias) repeats its whole expanded subtree, whose size is known by then (memoised), so the
+    nodes the aliases add are summed without expanding anything, and the walk stops at the bound.
+    A reference to a node still being walked is an alias inside its own anchor: it never ends.
+    """
+    sizes: dict[int, int] = {}  # id(node) -> nodes in its expansion, capped just past the limit
+    walking: set[int] = set()
+    added = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            walking.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(child)] for child in _children(node)))
+        elif key in walking:
+            raise AliasExpansionError(node.start_mark.line + 1, recursive=True)
+        elif key in sizes:
+            added += sizes[key]
+            if added > limit:
+                raise AliasExpansionError(node.start_mark.line + 1, recursive=False)
+        else:
+            walking.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in reversed(_children(node)))
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-5` as a string; recipes are full of such numbers, so read them as floats."""
+    """YAML 1.1 reads `1e-5` as a string; recipes are full of such numbers, so read them as floats.
+
+    Aliases are checked (check_alias_expansion) between composing the document and constructing it.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        check_alias_expansion(node)
+        return super().construct_document(node)
 
 
 _Loader.add_implicit_resolver(
@@ -287,12 +371,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         if "=" not in item:
             raise RecipeError(
-                f"--set {item!r}: expected key.path=value, e.g. --set training.learning_rate=5e-6"
+                f"--set {brief(item)}: expected key.path=value, e.g. --set training.learning_rate=5e-6"
             )
         key, _, raw = item.partition("=")
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise RecipeError(f"--set {item!r}: empty key")
+            raise RecipeError(f"--set {brief(item)}: empty key")
         node = data
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -300,7 +384,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 child = node[part] = {}
             elif not isinstance(child, dict):
                 where = ".".join(parts[: depth + 1])
-                raise RecipeError(f"--set {item!r}: {where} is a value ({child!r}), not a section")
+                raise RecipeError(f"--set {brief(item)}: {where} is a value ({brief(child)}), not a section")
             node = child
         node[parts[-1]] = parse_value(raw)
     return data
@@ -339,10 +423,33 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             msg = "required field is missing"
         elif "input" in item and item["type"] not in ("value_error",):
-            msg = f"{msg} (got {item['input']!r})"
+            msg = f"{msg} (got {brief(item['input'])})"
         # `training:` messages already start with their dotted key (training.learning_rate: ...).
-        lines.append(msg if msg.startswith(f"{field}.") else f"{field}: {msg}")
+        lines.append(_bounded_line(msg if msg.startswith(f"{field}.") else f"{field}: {msg}"))
     return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+
+
+def _bounded_line(text: str, limit: int = 4 * MAX_SHOWN_CHARS) -> str:
+    """One problem's line, its middle cut where a validator echoed a long value: the field named at
+    the start and what is accepted at the end both stay."""
+    if len(text) <= limit:
+        return text
+    head = limit * 2 // 3
+    return f"{text[:head]} ... {text[-(limit - head - 5) :]}"
+
+
+def _alias_message(path: Path, err: AliasExpansionError) -> str:
+    if err.recursive:
+        return (
+            f"recipe {path}: the YAML alias of the value anchored at line {err.anchor_line} is inside that value, "
+            "so it would expand without end; refused before validation. Write the value out instead of the alias."
+        )
+    return (
+        f"recipe {path}: its YAML aliases expand to more than {MAX_ALIAS_NODES:,} nodes (at the value anchored "
+        f"at line {err.anchor_line}: each *alias repeats its anchor's whole value, and aliases of aliases "
+        "multiply), which is a YAML bomb rather than a recipe; refused before validation. Use each anchor a few "
+        "times, not nested in repeated layers."
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -352,8 +459,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"recipe file {path} does not exist")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+    except AliasExpansionError as err:
+        raise RecipeError(_alias_message(path, err)) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+    except RecursionError:  # PyYAML composes nested values recursively
+        raise RecipeError(
+            f"recipe {path} is nested too deeply to read (thousands of levels of [ or {{)"
+        ) from None
+    except ValueError as err:  # a scalar YAML resolves but Python cannot build: 2024-02-30, a 5000-digit int
+        raise RecipeError(
+            f"recipe {path} holds a value that cannot be read: {str(err)[:MAX_SHOWN_CHARS]}"
+        ) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
