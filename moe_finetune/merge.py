@@ -46,6 +46,7 @@ from moe_finetune.errors import MergeCheckError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, family_for_model, find_routers
 from moe_finetune.models.loading import from_pretrained_kwargs, is_unreadable_model_error, resolve_model_path
 from moe_finetune.models.tiny import is_tiny_name
+from moe_finetune.recipe import read_yaml
 from moe_finetune.routing.capture import read_router_output
 from moe_finetune.rundir import ADAPTER_DIR, RESOLVED_RECIPE_FILE, adapter_problem, checkpoint_steps
 from moe_finetune.sections import LoraSection, ModelSection
@@ -141,8 +142,8 @@ def _read_recipe_sections(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]
     here, and validating them would import the trainer)."""
     path = run_dir / RESOLVED_RECIPE_FILE
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
+        data = read_yaml(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, RecursionError, ValueError) as err:
         raise RecipeError(f"{path} cannot be read ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise RecipeError(f"{path} has no model: section")

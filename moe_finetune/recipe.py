@@ -358,10 +358,16 @@ _Loader.add_implicit_resolver(
 )
 
 
+def read_yaml(text: str) -> Any:
+    """YAML as recipes are read everywhere (a resolved recipe in a run too): numbers like `1e-5` as
+    floats, and aliases bounded (AliasExpansionError, a yaml.YAMLError) before anything is built."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_value(text: str) -> Any:
     """A --set value: YAML scalars/lists/maps (`5e-6`, `true`, `[a, b]`), else the plain string."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return read_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -458,7 +464,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except AliasExpansionError as err:
         raise RecipeError(_alias_message(path, err)) from None
     except yaml.YAMLError as err:

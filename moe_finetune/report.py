@@ -219,9 +219,9 @@ def _read_mapping(path: Path, notes: list[str], *, yaml_file: bool) -> dict[str,
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
         if yaml_file:
-            import yaml
+            from moe_finetune.recipe import read_yaml
 
-            data = yaml.safe_load(text)
+            data = read_yaml(text)
         else:
             data = json.loads(text)
     except Exception as err:  # noqa: BLE001 - a damaged side file is reported, never fatal to the report

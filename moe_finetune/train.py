@@ -582,6 +582,19 @@ def run(
             write_run_report(trainer, output_dir, summary, echo, status=ended, error=reason, seconds=seconds)
         if message is not None:
             raise OutputWriteError(message) from err
+        if isinstance(err, KeyboardInterrupt) and started:
+            # a second Ctrl-C / SIGTERM stops at once, maybe in the middle of a save
+            checkpoint = last_checkpoint(output_dir)
+            go_on = (
+                f"the last complete checkpoint is {checkpoint}: continue with "
+                f"{continue_command(recipe, output_dir)} --resume"
+                if checkpoint
+                else "no complete checkpoint was saved: start again"
+            )
+            raise TrainingInterrupted(
+                f"interrupted at once (a second signal) at step {trainer.state.global_step}; a checkpoint being "
+                f"written then is incomplete and is skipped; {go_on}"
+            ) from err
         raise
     discard(aside)
     return outcome

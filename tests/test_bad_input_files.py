@@ -284,3 +284,21 @@ def test_records_written_with_windows_line_ends_and_a_cut_last_line_still_read(t
     skipped: list[int] = []
     assert list(read_jsonl(path, skipped)) == records
     assert skipped == [5]  # the blank line 4 is no record and no damage
+
+
+def test_report_and_merge_read_a_runs_resolved_recipe_with_the_same_alias_bound(
+    tmp_path: Path, random_adapter: Path, capsys
+) -> None:
+    import shutil
+
+    from moe_finetune.cli import main
+    from moe_finetune.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(random_adapter, run / "adapter")
+    (run / "recipe.resolved.yaml").write_text(_billion_laughs(9))
+    report = write_report(run)  # a note, not a 2.8 GB expansion
+    assert any("recipe.resolved.yaml could not be read" in note for note in report.notes)
+    code = main(["merge", str(run), "--output", str(tmp_path / "merged")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "recipe.resolved.yaml cannot be read" in err and len(err) < 2000
