@@ -475,3 +475,29 @@ def test_merge_and_generate_refuse_an_adapter_cut_short_naming_the_file(
     code, _, err = _run(capsys, command, str(adapter), *extra)
     assert code == 2, err
     assert "not a whole adapter" in err and "tokenizer.json" in err and "internal error" not in err
+
+
+class _SecondSignal:
+    """Stands for a second Ctrl-C arriving in step 3: KeyboardInterrupt at once, mid-run."""
+
+    def __getattr__(self, name: str):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+
+        def handler(args, state, control, **_kwargs):
+            if name == "on_step_end" and state.global_step == 3:
+                raise KeyboardInterrupt
+            return None
+
+        return handler
+
+
+@pytest.mark.slow
+def test_a_second_signal_mid_run_names_the_last_complete_checkpoint_and_the_report_says_interrupted(
+    recipe_factory, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    _with_callback(monkeypatch, _SecondSignal())
+    code, _, err = _run(capsys, "train", str(recipe_factory()))
+    assert code == 130, err
+    assert f"last complete checkpoint is {tmp_path / 'run' / 'checkpoint-2'}" in err and "--resume" in err
+    assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["status"] == "interrupted"
