@@ -501,3 +501,24 @@ def test_a_second_signal_mid_run_names_the_last_complete_checkpoint_and_the_repo
     assert code == 130, err
     assert f"last complete checkpoint is {tmp_path / 'run' / 'checkpoint-2'}" in err and "--resume" in err
     assert json.loads((tmp_path / "run" / "run_summary.json").read_text())["status"] == "interrupted"
+
+
+def test_write_failure_knows_a_full_disk_and_a_refused_write_in_each_form_the_stack_raises_them() -> None:
+    import errno
+
+    from moe_finetune.errors import write_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/runs/r/trainer_state.json")
+    assert write_failure(full) == ("no space left on device", "/runs/r/trainer_state.json")
+    torch_zip = RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed")  # fmt: skip
+    assert write_failure(torch_zip) == ("no space left on device", None)
+    rust = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert write_failure(rust) == ("no space left on device", None)
+    try:
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/runs/r/adapter")
+        except PermissionError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as outer:
+        assert write_failure(outer) == ("permission denied", "/runs/r/adapter")
+    assert write_failure(ValueError("a bug")) is None
