@@ -220,8 +220,7 @@ def use_profile_as_baseline(trainer: Any, profile: Any, recipe: Recipe, say: Ech
     guard.use_baseline(entropy, layer_entropy, load_share, recipe.monitor.dead_threshold)
     say(
         f"guard baseline: the routing profile of {profile.tokens:,} tokens before any update (routing entropy "
-        f"{entropy:.3f}, lowest layer {min(layer_entropy):.3f}), not the first {recipe.guards.baseline_steps} "
-        "logging windows"
+        f"{entropy:.3f}, lowest layer {min(layer_entropy):.3f}), not the monitor's probe batch"
     )
 
 
@@ -347,17 +346,19 @@ def save_adapter(trainer: Any, adapter_dir: Path) -> None:
     ZeRO-3 the Trainer's own `save_model` knows how to gather. Written into a hidden sibling and renamed
     into place, so `adapter/` is whole or absent: a full disk never leaves one that `merge` would trust.
     """
-    import tempfile
-
     from moe_finetune.outputs import publish
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}.tmp-", dir=adapter_dir.parent))
+    staging = adapter_dir.with_name(f".{adapter_dir.name}.tmp")  # one name on every rank; rank 0 writes it
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a process killed while saving
+        staging.mkdir(parents=True)
     try:
         write_adapter(trainer, staging)
-        if trainer.is_world_process_zero():
+        if is_main:
             publish(staging, adapter_dir)
     finally:
-        if staging.exists():
+        if is_main:
             shutil.rmtree(staging, ignore_errors=True)
 
 
