@@ -50,11 +50,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         allow_small_dataset=args.allow_small_dataset,
         resume=args.resume,
     )
+    if result.already_finished:
+        return 0
     loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
-    print(
-        f"done: {result.global_step} steps in {result.seconds:.1f} s, train loss {loss}; "
-        f"adapter saved to {result.adapter_dir}"
-    )
+    steps = f"{result.global_step} steps"
+    if result.resumed_from_step:
+        steps += f" ({result.trained_steps} trained now, resumed at step {result.resumed_from_step})"
+    print(f"done: {steps} in {result.seconds:.1f} s, train loss {loss}; adapter saved to {result.adapter_dir}")
     print(f"to serve it as a plain transformers model: moe-finetune merge {shlex.quote(str(result.output_dir))}")
     return 0
 

@@ -377,7 +377,9 @@ def trouble_checkpoint(run_dir: Path, events: Sequence[dict[str, Any]]) -> Path 
     Resuming from the halt checkpoint itself starts from collapsed routers, which the guard's
     absolute limits (expert load, dead experts) will usually stop again at once. The copy the guard
     keeps out of `save_total_limit` rotation (last-healthy/) is preferred; a rotation that has not yet
-    reached the original leaves both.
+    reached the original leaves both. A guard that recorded its `baseline` judged which checkpoints were
+    healthy and kept the one to go back to: then only last-healthy/ counts (a checkpoint merely saved
+    before the first action may be inside the window that showed the trouble).
     """
     trouble = [
         e["step"] for e in events if e.get("action") in ("cut_lr", "halt") and isinstance(e.get("step"), int)
@@ -385,7 +387,8 @@ def trouble_checkpoint(run_dir: Path, events: Sequence[dict[str, Any]]) -> Path 
     if not trouble:
         return None
     first = min(trouble)
-    for folder in (run_dir / KEPT_CHECKPOINT_DIR, run_dir):
+    judged = any(e.get("action") == "baseline" for e in events)
+    for folder in (run_dir / KEPT_CHECKPOINT_DIR,) if judged else (run_dir / KEPT_CHECKPOINT_DIR, run_dir):
         steps = [step for step in checkpoint_steps(folder) if step <= first]
         if folder == run_dir:
             steps = [step for step in steps if step < first]
@@ -403,6 +406,19 @@ def final_halt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
         if isinstance(action, str) and action.startswith("resume"):
             return None
     return None
+
+
+def lower_rate(events: Sequence[dict[str, Any]], fallback: float | None = None) -> str:
+    """A learning rate to go on with after a halt, as a number a command can carry: ten times below the rate
+    the run halted at (the last event's `lr_after`, else its `lr_before`), else below `fallback`."""
+    rates = [
+        e.get("lr_after") if isinstance(e.get("lr_after"), (int, float)) else e.get("lr_before")
+        for e in events
+        if e.get("action") in ("cut_lr", "halt")
+    ]
+    rates = [r for r in rates if isinstance(r, (int, float)) and r > 0]
+    rate = rates[-1] if rates else fallback
+    return f"{rate / 10:.2g}" if rate else "1e-5"
 
 
 def run_status(run: RunData) -> str:
@@ -593,6 +609,72 @@ class Report:
     notes: list[str]
 
 
+MODEL_CARD_FILE = "README.md"
+_CARD_MARK = "<!-- moe-finetune run card -->"
+
+
+def _replaceable_card(text: str) -> bool:
+    """Ours, or TRL's generated one (which names no base model: "a fine-tuned version of [None]")."""
+    return _CARD_MARK in text or "It has been trained using [TRL]" in text
+
+
+def model_card(run: RunData, verdict: Verdict) -> str:
+    """The run directory's README.md: what was trained on what, how routing went, and how to load it."""
+    model = (run.recipe.get("model") or {}).get("name") or run.summary.get("model") or "unknown"
+    lora = run.recipe.get("lora") or {}
+    config: dict[str, Any] = {}
+    adapter_config = run.run_dir / ADAPTER_DIR / "adapter_config.json"
+    if run.has_adapter:
+        try:
+            config = json.loads(adapter_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}
+    modules = config.get("target_modules") or lora.get("target_modules") or []
+    modules = sorted(modules) if isinstance(modules, (list, set, tuple)) else [str(modules)]
+    parameters = sorted(config.get("target_parameters") or [])
+    rows = run.summary.get("train_examples")
+    lines = [
+        _CARD_MARK,
+        f"# {run.name}: a LoRA adapter trained with moe-finetune",
+        "",
+        f"- **Base model:** `{model}`",
+        f"- **Recipe:** `{run.summary.get('recipe') or 'n/a'}` (resolved: `{RESOLVED_RECIPE_FILE}`)",
+        f"- **Data:** `{run.summary.get('dataset') or 'n/a'}`"
+        + (f", {rows:,} training examples" if isinstance(rows, int) else ""),
+        f"- **LoRA:** r {config.get('r', lora.get('r', 'n/a'))}, alpha {config.get('lora_alpha', lora.get('alpha', 'n/a'))}; "
+        f"modules {', '.join(modules) or 'n/a'}" + (f"; expert parameters {', '.join(parameters)}" if parameters else ""),
+        f"- **Routing:** {verdict.line}",
+        f"- **Report:** [`{REPORT_FILE}`]({REPORT_FILE})",
+        "",
+    ]
+    from moe_finetune.models.tiny import is_tiny_name
+
+    if run.has_adapter and is_tiny_name(str(model)):
+        lines += [
+            f"`{model}` is built locally by moe-finetune (no hub id): try the adapter with",
+            "",
+            "```bash",
+            f'moe-finetune generate {run.run_dir} --prompt "Write a function that reverses a list."',
+            "```",
+            "",
+        ]
+    elif run.has_adapter:
+        lines += [
+            "Load it onto its base (or `moe-finetune merge` this folder for a plain transformers model):",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{model}"), "{ADAPTER_DIR}")',
+            "```",
+            "",
+        ]
+    else:
+        lines += ["No final adapter was saved: the run did not finish (see the report).", ""]
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Report:
     """Write RUN_DIR/report.md and its PNG plots (and, with `compare`, the two runs side by side)."""
     run = read_run(run_dir)
@@ -626,6 +708,9 @@ def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Repo
         text = render_markdown(run, verdict, [p.name for p in written], other, labels)
         path = run.run_dir / REPORT_FILE
         write_whole(path, text)  # a reader never sees half a report
+        card = run.run_dir / MODEL_CARD_FILE
+        if not card.exists() or _replaceable_card(card.read_text(encoding="utf-8", errors="replace")):
+            write_whole(card, model_card(run, verdict))
     except OSError as err:
         raise RecipeError(f"report: cannot write the report into {run.run_dir}: {err}") from None
     return Report(path=path, figures=written, verdict=verdict, notes=list(run.notes))
@@ -842,14 +927,14 @@ def _halt_section(run: RunData, verdict: Verdict) -> list[str]:
         )
     lines.append("")
     earlier = trouble_checkpoint(run.run_dir, run.events)
-    command = run.summary.get("resume_command") or f"moe-finetune train RECIPE --output-dir {run.run_dir}"
+    command = run.summary.get("resume_command") or f"moe-finetune train RECIPE --output-dir {run.run_dir} --resume"
     if earlier is not None:
         lines += [
-            f"To go on from `{earlier.name}`, the last checkpoint saved before the guard first acted, with a lower "
-            "learning rate:",
+            f"To go on from `{earlier.name}`, the last checkpoint saved before the guard first acted, with a learning "
+            "rate ten times below the one it halted at (lower it further if it halts again):",
             "",
             "```bash",
-            f"{command} --resume {earlier} --set training.learning_rate=LOWER",
+            f"{command} {earlier} --set training.learning_rate={lower_rate(run.events)}",
             "```",
             "",
         ]

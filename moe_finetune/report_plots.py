@@ -576,8 +576,14 @@ def compare_figure(runs: Sequence[RunData], labels: Sequence[str]) -> Any:
 
 def save_figure(figure: Any, path: Path) -> Path:
     """Write a figure as PNG; a reader never sees half a file (written beside it, then renamed)."""
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    # zlib level 1: a quarter less time than the default 6 on a 1,000-step heatmap, files ~10% larger
-    figure.savefig(temporary, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
-    os.replace(temporary, path)
+    from moe_finetune.rundir import unique_sibling
+
+    temporary = unique_sibling(path, ".tmp.png")
+    try:
+        # zlib level 1: a quarter less time than the default 6 on a 1,000-step heatmap, files ~10% larger
+        figure.savefig(temporary, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path

@@ -71,12 +71,21 @@ def read_jsonl(path: Path, skipped: list[int] | None = None) -> Iterator[dict[st
                 skipped.append(number)
 
 
+def unique_sibling(path: Path, suffix: str = ".tmp") -> Path:
+    """A hidden name beside `path` that no other writer (another rank, a crashed earlier attempt) shares;
+    the file mode stays the usual one (mkstemp's would be 0600)."""
+    import uuid
+
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
 def write_whole(path: Path, text: str) -> Path:
     """Write `text` to `path` so a reader sees the old file or the whole new one, never a part: written
     beside it, then renamed over it. A failed write (a full disk) removes its partial copy."""
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = unique_sibling(path)
     try:
-        temporary.write_text(text, encoding="utf-8")
+        with temporary.open("x", encoding="utf-8") as out:
+            out.write(text)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

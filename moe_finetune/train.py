@@ -63,6 +63,12 @@ class RunResult:
     num_train_examples: int
     coverage: Coverage | None = None
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0  # the checkpoint's step a --resume started from (0: a fresh run)
+    already_finished: bool = False  # --resume on a run that had reached its last step: nothing was done
+
+    @property
+    def trained_steps(self) -> int:
+        return self.global_step - self.resumed_from_step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -410,6 +416,18 @@ def resume_point(output_dir: Path, resume: str | bool | None, echo: Echo = print
     return newest
 
 
+def checkpoint_progress(checkpoint: Path, recipe: Recipe) -> tuple[int, int | None]:
+    """(the step a checkpoint was saved at, the run's last step): the recipe's `training.max_steps` when set,
+    else what the Trainer had planned (epochs); None when neither is known."""
+    import json
+
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step = int(state.get("global_step") or 0)
+    max_steps = int(recipe.training_args().get("max_steps", -1) or -1)
+    planned = max_steps if max_steps > 0 else int(state.get("max_steps") or 0) or None
+    return step, planned
+
+
 def continue_command(recipe: Recipe, output_dir: Path, drop: tuple[str, ...] = ()) -> str:
     """The `moe-finetune train` command line that continues this run: same recipe, same `--set` overrides
     (bar the keys in `drop`, which the caller sets anew), same output directory."""
@@ -484,7 +502,8 @@ def run_summary(trainer: Any, recipe: Recipe, output_dir: Path) -> dict[str, Any
         "train_examples": count_examples(trainer.train_dataset),
         "eval_examples": count_examples(trainer.eval_dataset),
         "max_steps": max_steps if max_steps > 0 else None,
-        "resume_command": continue_command(recipe, output_dir, drop=("training.learning_rate",)),
+        # pasted as is, it continues the newest checkpoint; the report appends a checkpoint and a rate to it
+        "resume_command": continue_command(recipe, output_dir, drop=("training.learning_rate",)) + " --resume",
     }
 
 
@@ -526,6 +545,26 @@ def run(
     check_files(recipe)
     check_output_dir(output_dir, overwrite=overwrite, resume=bool(resume), reads=recipe_reads(recipe))
     resume_from = resume_point(output_dir, resume, echo)
+    resumed_from_step = 0
+    if resume_from is not None:
+        resumed_from_step, planned = checkpoint_progress(Path(resume_from), recipe)
+        if planned and resumed_from_step >= planned:
+            echo(
+                f"{output_dir} already finished at step {resumed_from_step} of {planned}: nothing to resume, and "
+                "nothing was written (raise training.max_steps to train on)"
+            )
+            adapter = output_dir / ADAPTER_DIR
+            return RunResult(
+                output_dir=output_dir,
+                adapter_dir=adapter if adapter.is_dir() else None,
+                global_step=resumed_from_step,
+                train_loss=None,
+                seconds=0.0,
+                num_train_examples=0,
+                resumed_from_step=resumed_from_step,
+                already_finished=True,
+            )
+        echo(f"resuming from {resume_from} (step {resumed_from_step}{f' of {planned}' if planned else ''})")
     for warning in recipe_warnings(recipe):
         echo(f"warning: {warning}")
     for kept in left_aside(output_dir):
@@ -557,6 +596,7 @@ def run(
         finally:
             interrupt.uninstall()
         outcome = end_of_run(trainer, recipe, output_dir, summary, interrupt, result, start, echo)
+        outcome.resumed_from_step = resumed_from_step
     except (TrainingHalted, TrainingInterrupted) as ended:
         if aside is not None and isinstance(ended, TrainingHalted):
             discard(aside)  # the halted run stands in its place, checkpoint and report written
@@ -615,7 +655,7 @@ def end_of_run(
     saved; the report written at each."""
     from moe_finetune.callbacks.guard import EntropyGuard
     from moe_finetune.callbacks.monitor import RoutingMonitor
-    from moe_finetune.report import trouble_checkpoint
+    from moe_finetune.report import lower_rate, trouble_checkpoint
 
     callbacks = trainer.callback_handler.callbacks
     monitor = next((c for c in callbacks if isinstance(c, RoutingMonitor)), None)
@@ -633,16 +673,17 @@ def end_of_run(
         forgot = check.startswith("retention")
         who = "the guard's retention check" if forgot else "the routing guard"
         lower = f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))}"
+        rate = f"training.learning_rate={lower_rate(events, float(trainer.args.learning_rate))}"
         if earlier is not None:
-            go_on = f"To go on with a lower learning rate: {lower} --resume {earlier} --set training.learning_rate=LOWER"
+            go_on = f"To go on at a tenth of the rate it halted at: {lower} --resume {earlier} --set {rate}"
         elif forgot:
             # the halt checkpoint has forgotten already: resumed, it is judged against the same base and halts again
             go_on = (
-                "No checkpoint was saved before the forgetting began: start again with a lower learning rate "
-                f"({lower} --overwrite --set training.learning_rate=LOWER), or raise guards.retention.halt_rise"
+                "No checkpoint was saved before the forgetting began: start again at a tenth of the rate "
+                f"({lower} --overwrite --set {rate}), or raise guards.retention.halt_rise"
             )
         else:
-            go_on = f"To go on with a lower learning rate: {lower} --resume --set training.learning_rate=LOWER"
+            go_on = f"To go on at a tenth of the rate it halted at: {lower} --resume --set {rate}"
         raise TrainingHalted(
             f"training halted by {who} at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "

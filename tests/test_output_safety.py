@@ -522,3 +522,28 @@ def test_write_failure_knows_a_full_disk_and_a_refused_write_in_each_form_the_st
     except RuntimeError as outer:
         assert write_failure(outer) == ("permission denied", "/runs/r/adapter")
     assert write_failure(ValueError("a bug")) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# The run's lifecycle: a resume says what it does
+
+
+@pytest.mark.slow
+def test_resume_says_where_it_resumes_counts_what_it_trained_and_a_finished_run_writes_nothing(
+    recipe_factory, tmp_path: Path, capsys
+) -> None:
+    recipe = recipe_factory()
+    run = tmp_path / "run"
+    code, _, err = _run(capsys, "train", str(recipe), "--set", "training.max_steps=2")
+    assert code == 0, err
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["resume_command"].endswith("--resume")  # pasted as is, it continues
+    code, out, err = _run(capsys, "train", str(recipe), "--resume")
+    assert code == 0, err
+    assert f"resuming from {run / 'checkpoint-2'} (step 2 of 4)" in out
+    assert "done: 4 steps (2 trained now, resumed at step 2)" in out
+    before = _tree(run)
+    code, out, err = _run(capsys, "train", str(recipe), "--resume")
+    assert code == 0, err
+    assert "already finished at step 4 of 4" in out and "nothing was written" in out
+    assert _tree(run) == before

@@ -240,7 +240,7 @@ def test_a_halted_run_leads_with_step_and_reason_and_holds_what_the_collapse_rep
     text = (run / REPORT_FILE).read_text()
     assert text.startswith(f"**Halted at step 35** of 35 after 1 learning-rate cut because {reason}.")
     assert "## Halted at step 35" in text and f"`{run / 'checkpoint-35'}` (saved at the halt)" in text
-    assert f"--resume {kept} --set training.learning_rate=LOWER" in text
+    assert f"--resume {kept} --set training.learning_rate=8e-06" in text  # a tenth of the rate it halted at
     assert "## Routing by layer at step 35 (the halt)" in text
     rows = [line for line in text.splitlines() if line.startswith("| model.layers.")]
     assert rows[0].startswith("| model.layers.1.mlp.gate |")  # the collapsing layer first
@@ -492,3 +492,22 @@ def test_train_writes_the_report_and_prints_one_routing_line_per_logging_step(
     assert text.startswith("**Learning rate cut" if cuts else "**Healthy**: ran to step 4 of 4")
     assert "40 training examples" in text and f"report: {run / REPORT_FILE}" in out
     _assert_sensible_pngs(run, ROUTING_PLOTS)
+
+
+def test_the_run_directorys_readme_is_our_model_card_not_trls_empty_one(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "run", status="finished", adapter=True)
+    (run / "README.md").write_text(
+        "# Model Card\n\nThis model is a fine-tuned version of [None](https://huggingface.co/None).\n"
+        "It has been trained using [TRL](https://github.com/huggingface/trl).\n"
+    )
+    report = write_report(run)
+    card = (run / "README.md").read_text()
+    assert "[None]" not in card and "Base model:" in card and report.verdict.line in card
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for path in run.iterdir():
+        if path.is_file() and path.name != "README.md":
+            (mine / path.name).write_bytes(path.read_bytes())
+    (mine / "README.md").write_text("my own notes")
+    write_report(mine)
+    assert (mine / "README.md").read_text() == "my own notes"  # a README of the user's is left alone
