@@ -235,7 +235,13 @@ def load_base(source: AdapterSource) -> tuple[Any, Any]:
     import transformers
 
     local = Path(source.model.name).expanduser()
-    path, _ = resolve_model_path(source.model, local if local.exists() else None)
+    try:
+        path, _ = resolve_model_path(source.model, local if local.exists() else None)
+    except RecipeError as err:  # no such folder, an unreachable hub: said with where the name came from
+        raise RecipeError(
+            f"cannot load the base model {source.model.name!r} (named by {source.base_from}): "
+            f"{str(err).removeprefix('model.name: ')}. Pass --base with the model the adapter was trained on"
+        ) from None
     kwargs = from_pretrained_kwargs(source.model)
     tokenizer_from = (
         str(source.adapter_dir) if (source.adapter_dir / "tokenizer_config.json").is_file() else path

@@ -411,12 +411,14 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One paragraph per problem: the dotted field, what was wrong, and what is accepted."""
+def format_validation_error(err: ValidationError, source: str, overrides: list[str] | None = None) -> str:
+    """One paragraph per problem: the dotted field, what was wrong, and what is accepted; a field that a
+    `--set` put there says so, since the recipe file is then not where to look."""
     lines = []
     for item in err.errors():
         loc = tuple(item["loc"])
         field = ".".join(str(p) for p in loc) or "(recipe)"
+        given = _override_for(field, overrides or [])
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             section = _section_model(loc)
@@ -431,8 +433,20 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif "input" in item and item["type"] not in ("value_error",):
             msg = f"{msg} (got {brief(item['input'])})"
         # `training:` messages already start with their dotted key (training.learning_rate: ...).
-        lines.append(_bounded_line(msg if msg.startswith(f"{field}.") else f"{field}: {msg}"))
+        line = msg if msg.startswith(f"{field}.") else f"{field}: {msg}"
+        if given is not None:
+            line += f" [from --set {given if len(given) <= MAX_SHOWN_CHARS else given[:MAX_SHOWN_CHARS] + '...'}]"
+        lines.append(_bounded_line(line))
     return f"invalid recipe {source}:\n  " + "\n  ".join(lines)
+
+
+def _override_for(field: str, overrides: list[str]) -> str | None:
+    """The last `--set KEY=VALUE` whose key is `field` or a section above it (or below: `training.x.y`)."""
+    for override in reversed(overrides):
+        key = override.partition("=")[0].strip()
+        if key and (field == key or field.startswith(f"{key}.") or key.startswith(f"{field}.")):
+            return override
+    return None
 
 
 def _bounded_line(text: str, limit: int = 4 * MAX_SHOWN_CHARS) -> str:
@@ -487,7 +501,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(format_validation_error(err, str(path))) from None
+        raise RecipeError(format_validation_error(err, str(path), overrides)) from None
     recipe._base_dir = path.resolve().parent
     recipe._source = str(path)
     recipe._overrides = list(overrides or [])

@@ -302,3 +302,38 @@ def test_report_and_merge_read_a_runs_resolved_recipe_with_the_same_alias_bound(
     code = main(["merge", str(run), "--output", str(tmp_path / "merged")])
     _, err = capsys.readouterr()
     assert code == 2 and "recipe.resolved.yaml cannot be read" in err and len(err) < 2000
+
+
+def test_a_bad_value_from_set_is_named_as_coming_from_set(capsys) -> None:
+    from moe_finetune.cli import main
+
+    code = main(["validate", str(Path(__file__).resolve().parents[1] / "recipes" / "smoke.yaml"), "--skip-data", "--set", "lora.r=abc"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora.r:" in err and "[from --set lora.r=abc]" in err
+
+
+def test_a_model_name_meant_as_a_folder_that_does_not_exist_is_named_as_a_missing_folder(tmp_path, capsys) -> None:
+    from moe_finetune.errors import RecipeError
+    from moe_finetune.models.loading import resolve_model_path
+    from moe_finetune.sections import ModelSection
+
+    with pytest.raises(RecipeError, match="no such folder './models/mine'"):
+        resolve_model_path(ModelSection(name="./models/mine"), tmp_path / "models" / "mine")
+
+
+def test_an_unreachable_hub_is_said_at_once_not_after_a_minute_of_retries(monkeypatch) -> None:
+    import time
+
+    from huggingface_hub import constants
+
+    from moe_finetune.errors import RecipeError
+    from moe_finetune.models.loading import resolve_model_path
+    from moe_finetune.sections import ModelSection
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="not in the local Hugging Face cache and the hub"):
+        resolve_model_path(ModelSection(name="someorg/not-cached-here"))
+    assert time.perf_counter() - start < 10

@@ -27,7 +27,50 @@ def resolve_model_path(section: ModelSection, local_path: Path | None = None) ->
         return str(tiny_model_dir(section.name)), family_of_tiny_name(section.name)
     if local_path is not None and local_path.exists():
         return str(local_path), None
+    if looks_like_a_path(section.name):
+        where = f" ({local_path})" if local_path is not None and str(local_path) != section.name else ""
+        raise RecipeError(
+            f"model.name: no such folder {section.name!r}{where}; relative paths are relative to the recipe's "
+            "folder (a hub id is written ORG/NAME)"
+        )
+    check_hub_reachable(section.name, section.revision)
     return section.name, None
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A model name a person meant as a folder: ./x, ../x, /x, ~/x, a/b/c or a Windows path (a hub id is ORG/NAME)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_hub_reachable(repo_id: str, revision: str | None = None, timeout: float = 5.0) -> None:
+    """A hub model not in the local cache needs the hub: when it cannot be reached, say so in one line now,
+    instead of after a minute of transformers' retries (12 'Retrying' lines). Offline mode and a cached
+    model skip the check."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed id: transformers' own message says what is wrong with it
+        return
+    if isinstance(cached, str):
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        raise RecipeError(
+            f"model.name: {repo_id!r} is not in the local Hugging Face cache and the hub ({endpoint.hostname}) "
+            f"cannot be reached from here ({err.strerror or err}). Download it where there is a network "
+            "(`hf download ID`) and point model.name at that folder, or copy the cache here and set "
+            "HF_HUB_OFFLINE=1"
+        ) from None
 
 
 def from_pretrained_kwargs(section: ModelSection) -> dict[str, Any]:
