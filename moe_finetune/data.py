@@ -257,7 +257,18 @@ def _load_with_datasets(path: Path, fmt: str, split: str) -> Any | None:
         # pyarrow's JSON parser lets invalid UTF-8 through into string columns; full validation
         # (a fast C++ scan) catches it here rather than as a UnicodeDecodeError deep in training.
         loaded.data.table.validate(full=True)
-    except Exception:  # pyarrow/pandas parse errors name no line a person can use; the row reader will
+    except Exception as err:  # pyarrow/pandas parse errors name no line a person can use; the row reader will
+        from moe_finetune.errors import OutputWriteError, write_failure
+
+        failure = write_failure(err)
+        if failure is not None:  # not the file's fault: a full disk or an unwritable cache, said as such
+            from datasets import config
+
+            raise OutputWriteError(
+                f"{failure[0]} while `datasets` wrote its Arrow copy of {path} into its cache "
+                f"({failure[1] or config.HF_DATASETS_CACHE}); free space there or set HF_DATASETS_CACHE to a "
+                "writable folder"
+            ) from None
         return None
     return loaded
 

@@ -337,3 +337,25 @@ def test_an_unreachable_hub_is_said_at_once_not_after_a_minute_of_retries(monkey
     with pytest.raises(RecipeError, match="not in the local Hugging Face cache and the hub"):
         resolve_model_path(ModelSection(name="someorg/not-cached-here"))
     assert time.perf_counter() - start < 10
+
+
+def test_a_datasets_cache_that_cannot_be_written_is_named_not_a_silent_switch_to_the_slow_reader(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import errno
+
+    import datasets
+
+    from moe_finetune.data import load_data
+    from moe_finetune.errors import OutputWriteError
+    from moe_finetune.sections import DataSection
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "p{i}", "completion": "c{i}"}}\n' for i in range(20)))
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.arrow"))
+
+    monkeypatch.setattr(datasets, "load_dataset", full)
+    with pytest.raises(OutputWriteError, match="no space left on device while `datasets` wrote"):
+        load_data(DataSection(path=str(rows), min_examples=1), rows)
