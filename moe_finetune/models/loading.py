@@ -27,6 +27,8 @@ def resolve_model_path(section: ModelSection, local_path: Path | None = None) ->
         return str(tiny_model_dir(section.name)), family_of_tiny_name(section.name)
     if local_path is not None and local_path.exists():
         return str(local_path), None
+    if Path(section.name).expanduser().exists():  # a folder named as is (the caller resolved nothing)
+        return str(Path(section.name).expanduser()), None
     if looks_like_a_path(section.name):
         where = f" ({local_path})" if local_path is not None and str(local_path) != section.name else ""
         raise RecipeError(
