@@ -37,10 +37,18 @@ def main() -> None:
     for name, param in model.named_parameters():
         param.requires_grad = name.endswith("mlp.gate.weight")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    policy = GuardPolicy(GuardConfig(baseline_steps=2))
+    policy = GuardPolicy(GuardConfig())
     log_every = 4
 
     with capture_routing(model) as cap:
+        # The baseline: routing before the first update, on one batch without gradients. (Without it the
+        # policy averages its first `baseline_steps` windows, which a fast collapse is already inside.)
+        with torch.no_grad():
+            model(**next(batches(tokenizer)))
+        start = cap.stats()
+        cap.reset()
+        policy.set_baseline(start.entropy, start.layer_entropy, start.load_share, start.dead_threshold)
+        print(f"routing before the first update: entropy {start.entropy:.3f}, load max {start.load_max:.2f}x")
         for step, batch in enumerate(batches(tokenizer), start=1):
             loss = model(**batch).loss
             loss.backward()

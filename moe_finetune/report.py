@@ -410,7 +410,9 @@ def final_halt(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 def lower_rate(events: Sequence[dict[str, Any]], fallback: float | None = None) -> str:
     """A learning rate to go on with after a halt, as a number a command can carry: ten times below the rate
-    the run halted at (the last event's `lr_after`, else its `lr_before`), else below `fallback`."""
+    the run halted at (the last event's `lr_after`, else its `lr_before`), else below `fallback`, and at most
+    1e-5, the field's rate for MoE fine-tuning: a tenth of a rate far above it still collapses trained
+    routers (the collapse demo halted at 4e-3; resumed at 4e-4 it halted again, at 1e-5 it ran to the end)."""
     rates = [
         e.get("lr_after") if isinstance(e.get("lr_after"), (int, float)) else e.get("lr_before")
         for e in events
@@ -418,7 +420,7 @@ def lower_rate(events: Sequence[dict[str, Any]], fallback: float | None = None) 
     ]
     rates = [r for r in rates if isinstance(r, (int, float)) and r > 0]
     rate = rates[-1] if rates else fallback
-    return f"{rate / 10:.2g}" if rate else "1e-5"
+    return f"{min(rate / 10, 1e-5):.2g}" if rate else "1e-5"
 
 
 def run_status(run: RunData) -> str:
@@ -931,7 +933,7 @@ def _halt_section(run: RunData, verdict: Verdict) -> list[str]:
     if earlier is not None:
         lines += [
             f"To go on from `{earlier.name}`, the last checkpoint saved before the guard first acted, with a learning "
-            "rate ten times below the one it halted at (lower it further if it halts again):",
+            "rate ten times below the one it halted at, at most 1e-5 (lower it further if it halts again):",
             "",
             "```bash",
             f"{command} {earlier} --set training.learning_rate={lower_rate(run.events)}",

@@ -231,7 +231,11 @@ class MonitorSection(Section):
         "routing/dead_experts and the guard's dead-expert halt both use it.",
     )
     probe_size: int = Field(
-        8, ge=0, description="Training rows routed at the start and again for routing/drift (0 = no drift)."
+        8,
+        ge=0,
+        description="Training rows routed at the start and again for routing/drift; their routing at the start, "
+        "before the first update, is also the guard's baseline (0 = no drift, and the guard falls back to "
+        "guards.baseline_steps).",
     )
     drift_steps: int = Field(
         50, ge=1, description="Re-route the probe at the first logging step this many steps after the last."
@@ -308,8 +312,10 @@ class GuardConfig(Section):
     baseline_steps: int = Field(
         3,
         ge=1,
-        description="Logging steps whose routing entropy (pooled and per layer) is averaged into the baseline, "
-        "unless a probe batch sets the baseline before the first step.",
+        description="Fallback only: the guard's baseline is the routing of the model before its first update "
+        "(the monitor's probe batch at train begin, or the routing profile of lora.experts: auto); only when "
+        "neither exists (monitor.probe_size 0) are this many first logging steps averaged into it instead "
+        "(routing entropy and balance, pooled and per layer, and expert load), judging nothing before them.",
     )
     cut_drop: float = Field(
         0.10,

@@ -675,15 +675,15 @@ def end_of_run(
         lower = f"{continue_command(recipe, output_dir, drop=('training.learning_rate',))}"
         rate = f"training.learning_rate={lower_rate(events, float(trainer.args.learning_rate))}"
         if earlier is not None:
-            go_on = f"To go on at a tenth of the rate it halted at: {lower} --resume {earlier} --set {rate}"
+            go_on = f"To go on at a tenth of the rate it halted at (at most 1e-5): {lower} --resume {earlier} --set {rate}"
         elif forgot:
             # the halt checkpoint has forgotten already: resumed, it is judged against the same base and halts again
             go_on = (
-                "No checkpoint was saved before the forgetting began: start again at a tenth of the rate "
+                "No checkpoint was saved before the forgetting began: start again at a tenth of the rate (at most 1e-5) "
                 f"({lower} --overwrite --set {rate}), or raise guards.retention.halt_rise"
             )
         else:
-            go_on = f"To go on at a tenth of the rate it halted at: {lower} --resume --set {rate}"
+            go_on = f"To go on at a tenth of the rate it halted at (at most 1e-5): {lower} --resume --set {rate}"
         raise TrainingHalted(
             f"training halted by {who} at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "

@@ -214,6 +214,30 @@ def test_probe_reports_choices_without_touching_the_sums_or_modes(mixtral):
     assert torch.equal(chunked.valid, first.valid)
 
 
+def test_the_probe_gives_the_metrics_a_logging_window_of_the_same_rows_gives(mixtral):
+    """The guard's baseline is the probe at train begin: its numbers must be those of a window over the
+    same rows (entropy, load share, balance per layer), padding left out the same way."""
+    mixtral.train()
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[2, 5:] = 0
+    batch = {"input_ids": ids(3, 7, seed=3), "attention_mask": mask}
+    with capture_routing(mixtral) as cap:
+        probe = probe_routing(cap, batch, chunk_rows=2)
+        assert cap.sums.tokens.sum().item() == 0  # the running sums stay untouched
+    mixtral.eval()  # the probe routes in eval mode: so does the window it is compared with
+    with capture_routing(mixtral) as cap, torch.no_grad():
+        mixtral.model(**batch)
+        window = cap.stats()
+    assert probe.sums is not None
+    measured = summarise(probe.sums)
+    assert measured.tokens == window.tokens == 19
+    assert measured.layer_entropy == pytest.approx(window.layer_entropy)
+    assert torch.allclose(torch.tensor(measured.load_share), torch.tensor(window.load_share))
+    assert measured.layer_balance == pytest.approx(window.layer_balance)
+    assert measured.entropy == pytest.approx(window.entropy)
+    assert probe.sums.assign_counts.tolist() == probe.counts.tolist()
+
+
 def test_probe_sees_a_changed_router(mixtral):
     batch = {"input_ids": ids(2, 8)}
     with capture_routing(mixtral) as cap:

@@ -516,3 +516,52 @@ def test_a_halt_resumed_from_keeps_the_cuts_already_in_the_learning_rate():
     drive(policy, [0.8, 0.8, 0.8, 0.68])
     policy.restart_episode()
     assert policy.multiplier == 0.5 and policy.cuts_made == 0 and policy.baseline is None
+
+
+def test_a_collapse_inside_the_first_windows_is_cut_then_halted_against_the_start_not_averaged_away():
+    # the collapse demo's shape: the load of layer 1 concentrates within the first logging windows
+    start = [list(UNIFORM), list(UNIFORM)]
+    windows = [
+        [list(UNIFORM), [0.16] * 4 + [0.09] * 4],  # balance 0.98: still healthy
+        [list(UNIFORM), [0.27] * 3 + [0.0475] * 4 + [0.0]],  # balance 0.79: 21% down
+        [list(UNIFORM), [0.37, 0.37, 0.21] + [0.01] * 5],  # balance 0.62: 38% down, under the 3x load limit
+    ]
+    averaged = GuardPolicy(GuardConfig())  # no routing before the first update: the first 3 windows are the start
+    measured = GuardPolicy(GuardConfig())
+    measured.set_baseline(0.8, [0.8, 0.8], start)
+    averaged_kinds = [averaged.update(snap(5 * (i + 1), 0.8, load=load), LR0).kind for i, load in enumerate(windows)]
+    measured_actions = [measured.update(snap(5 * (i + 1), 0.8, load=load), LR0) for i, load in enumerate(windows)]
+    assert averaged_kinds == ["none", "none", "none"]  # the collapse became its baseline
+    assert kinds(measured_actions) == ["none", "cut_lr", "halt"]
+    assert measured_actions[-1].details["check"] == "balance_drop"
+    assert "baseline 1.00" in measured_actions[-1].reason  # judged against the start, not the collapsed windows
+
+
+def test_a_checkpoint_is_healthy_only_when_the_window_it_was_saved_in_was_judged_healthy():
+    from moe_finetune.routing.guard_state import HealthyCheckpoints
+
+    saves = HealthyCheckpoints()
+    saves.judged(5, healthy=True)
+    saves.saved(5)  # saved right after its own healthy window was judged
+    assert saves.before(10) == 5
+    saves.saved(8)  # inside the window that ends at 10 ...
+    saves.judged(10, healthy=False)  # ... which proved troubled: never kept
+    saves.saved(10)  # the weights at the trouble itself: never kept
+    assert saves.before(12) == 5
+    saves.saved(12)
+    saves.judged(15, healthy=True)  # a later healthy window makes its saves healthy
+    assert saves.before(20) == 12
+    assert saves.before(12) is None  # never the checkpoint at (or after) the step the guard acts
+
+
+def test_with_no_healthy_checkpoint_saved_nothing_is_kept_and_the_state_round_trips():
+    from moe_finetune.routing.guard_state import HealthyCheckpoints
+
+    saves = HealthyCheckpoints()
+    saves.saved(10)
+    saves.judged(10, healthy=False)
+    assert saves.before(15) is None
+    saves.saved(12)
+    restored = HealthyCheckpoints.from_state_dict(json.loads(json.dumps(saves.state_dict())))
+    assert restored == saves and restored.unjudged == [12]
+    assert HealthyCheckpoints.from_state_dict(None) == HealthyCheckpoints()  # a checkpoint written before it

@@ -329,7 +329,10 @@ def test_a_retention_halt_exits_4_naming_the_check_and_the_report_says_resuming_
     events = [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
     acted = [(e["step"], e["action"], e["details"]["check"]) for e in events if e["action"] in ("cut_lr", "halt")]
     assert acted == [(2, "cut_lr", "retention_cut"), (4, "halt", "retention_halt")]
-    assert (run / "checkpoint-4").is_dir() and (run / "last-healthy" / "checkpoint-2").is_dir()
+    # the checkpoint at the first retention cut has begun forgetting: never kept as healthy, and none was
+    # saved before it, so the message says to start again rather than resume
+    assert (run / "checkpoint-4").is_dir() and not (run / "last-healthy").exists()
+    assert "No checkpoint was saved before the forgetting began" in err
     report = (run / "report.md").read_text()
     assert "halts again at its first check" in report
 

@@ -10,19 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 from test_monitor import capture_hooks, make_trainer
+from transformers import TrainerControl, TrainerState
 
 from moe_finetune.callbacks import EntropyGuard, RoutingMonitor, attach
 from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, scale_learning_rate
 from moe_finetune.errors import RecipeError
-from moe_finetune.routing.policy import load_limit_problem
+from moe_finetune.routing.policy import GuardAction, load_limit_problem
 from moe_finetune.rundir import ROUTING_FILE, ROUTING_PROBE_FILE
 from moe_finetune.sections import GuardConfig
 
 
 def test_epoch_logging_strategy_still_feeds_the_guard_at_every_logging_event(tiny_mixtral_dir, tmp_path):
     monitor, guard = RoutingMonitor(), EntropyGuard(echo=None)
+    # a rate at which the tiny model's routing stays put: judged from the first epoch on, it runs all three
     trainer = make_trainer(
-        tiny_mixtral_dir, tmp_path, max_steps=-1, num_train_epochs=3, logging_strategy="epoch"
+        tiny_mixtral_dir, tmp_path, max_steps=-1, num_train_epochs=3, logging_strategy="epoch", learning_rate=1e-5
     )
     attach(trainer, monitor, guard)
     trainer.train()
@@ -210,8 +212,6 @@ def test_a_trainer_with_a_scheduler_the_guard_cannot_cut_stops_at_train_begin_wi
 def test_guard_events_past_the_resumed_step_are_dropped_like_routing_jsonl(tmp_path):
     from types import SimpleNamespace
 
-    from transformers import TrainerControl, TrainerState
-
     events = tmp_path / "guard_events.jsonl"
     events.write_text("".join(json.dumps({"step": s, "action": "cut_lr"}) + "\n" for s in (5, 10, 15)))
     guard = EntropyGuard(echo=None)
@@ -250,34 +250,94 @@ def test_a_guard_reused_for_a_second_train_hooks_the_routers_again_and_judges_fr
         assert len((tmp_path / attempt / ROUTING_FILE).read_text().splitlines()) == 4
 
 
-def _guard_at(tmp_path, saved_step):
-    from types import SimpleNamespace
-
+def _guard_at(tmp_path, healthy_save):
     guard = EntropyGuard(echo=None, output_dir=tmp_path)
-    guard._last_saved_step = saved_step
-    return guard, SimpleNamespace(should_save=False)
+    if healthy_save is not None:
+        guard.checkpoints.judged(healthy_save, healthy=True)
+        guard.checkpoints.saved(healthy_save)
+    return guard
 
 
-def test_a_first_halt_with_no_checkpoint_before_it_keeps_nothing_as_healthy(tmp_path):
-    guard, control = _guard_at(tmp_path, saved_step=None)
-    guard._keep_healthy_checkpoint(30, "halt", control)
-    assert guard.kept_checkpoint is None and not control.should_save  # its own checkpoint is the collapsed one
-    guard, control = _guard_at(tmp_path, saved_step=None)
-    guard._keep_healthy_checkpoint(30, "cut_lr", control)
-    assert control.should_save and guard._keep_at_save == 30  # a first cut saves the best point left
+def test_a_first_action_with_no_healthy_checkpoint_keeps_nothing_and_saves_nothing(tmp_path):
+    for kind in ("halt", "cut_lr"):
+        guard = _guard_at(tmp_path, healthy_save=None)
+        guard.checkpoints.saved(30)  # the weights at the trouble itself
+        guard.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        control = TrainerControl()
+        guard._act(GuardAction(kind, "test", factor=0.5, step=30), 30, TrainerState(global_step=30), control, None)
+        assert guard.kept_checkpoint is None  # never the troubled weights
+        assert control.should_save == (kind == "halt")  # a halt saves its own checkpoint, a cut nothing
 
 
 def test_the_kept_checkpoint_is_decided_from_the_saves_every_rank_saw_not_one_ranks_disk(tmp_path):
-    guard, control = _guard_at(tmp_path, saved_step=20)
+    guard = _guard_at(tmp_path, healthy_save=20)
     guard.is_main = False  # another rank: no checkpoint folder on its disk, yet the same decision
-    guard._keep_healthy_checkpoint(30, "cut_lr", control)
-    assert not control.should_save and guard.kept_checkpoint == tmp_path / "last-healthy" / "checkpoint-20"
+    guard._keep_healthy_checkpoint(30)
+    assert guard.kept_checkpoint == tmp_path / "last-healthy" / "checkpoint-20"
+
+
+class _StubMonitor:
+    """What the guard reads of a RoutingMonitor: its listeners and the probe routed at train begin."""
+
+    def __init__(self, begin_metrics, begin_step):
+        self._listeners, self.capture = [], None
+        self.begin_metrics, self.begin_step = begin_metrics, begin_step
+
+    def add_listener(self, listener):
+        self._listeners.append(listener)
+
+
+def _probe_metrics(entropy):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        entropy=entropy, layer_entropy=[entropy, entropy], load_share=[[1 / 8] * 8] * 2, dead_threshold=0.1, tokens=99
+    )
+
+
+def _begin(guard, step, begin_metrics, saved=None):
+    from types import SimpleNamespace
+
+    guard.monitor = _StubMonitor(begin_metrics, step)
+    args = SimpleNamespace(output_dir=str(guard.output_dir), learning_rate=1e-3)
+    callbacks = {"EntropyGuard": saved} if saved is not None else None
+    state = TrainerState(global_step=step, is_world_process_zero=True, stateful_callbacks=callbacks)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    guard.on_train_begin(args, state, TrainerControl(), optimizer=optimizer)
+    guard.on_step_begin(args, state, TrainerControl())  # the monitor began after the guard: taken here
+    return guard
+
+
+def test_the_baseline_is_the_probe_routed_before_the_first_update_and_a_resume_keeps_it(tmp_path):
+    first = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 0, _probe_metrics(0.8))
+    assert first.policy.baseline == pytest.approx(0.8) and first.policy.layer_baseline == pytest.approx([0.8, 0.8])
+    event = first.events[0]
+    assert event["action"] == "baseline" and event["step"] == 0 and event["details"]["source"] == "probe"
+    assert event["details"]["layer_balance"] == pytest.approx([1.0, 1.0])
+    # resumed at step 10: the routing there (already moved) is not the start; the saved baseline is
+    resumed = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 10, _probe_metrics(0.5), saved=first.state())
+    assert resumed.policy.baseline == pytest.approx(0.8)
+    assert [e["action"] for e in resumed.events] == []
+
+
+def test_a_run_resumed_from_its_halt_measures_a_new_baseline_on_the_probe_before_its_first_update(tmp_path):
+    first = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 0, _probe_metrics(0.8))
+    first.halt_step = 15
+    resumed = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 15, _probe_metrics(0.5), saved=first.state())
+    assert resumed.policy.baseline == pytest.approx(0.5)
+    assert [e["action"] for e in resumed.events] == ["resume_after_halt", "baseline"]
+    assert resumed.checkpoints.before(100) is None  # the halted weights are never kept as healthy
+
+
+def test_without_a_probe_the_baseline_is_the_first_logging_windows_and_the_events_say_so(tmp_path):
+    guard = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 0, None)
+    assert guard.policy.baseline is None
+    assert guard.events[0]["action"] == "baseline" and "no probe batch" in guard.events[0]["reason"]
+    assert "mean of the first 3 logging windows" in guard.events[0]["reason"]
 
 
 def test_a_resumed_trainer_with_its_own_optimizer_keeps_its_rate_unless_the_user_changes_it(tmp_path):
     from types import SimpleNamespace
-
-    from transformers import TrainerControl, TrainerState
 
     def resume(requested: float) -> float:
         optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-4)  # not args.learning_rate

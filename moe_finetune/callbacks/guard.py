@@ -8,9 +8,17 @@ The policy (`routing/policy.py`) decides from numbers alone; this adapter only a
 - a halt asks the Trainer to save a checkpoint at this step and stop, and writes the run report
   (`report.md` and its plots, moe_finetune/report.py: what happened, in which layers, where to resume);
   `moe-finetune train` then exits with code 4;
-- when the guard first acts, the last checkpoint saved before that step is copied out of the
-  Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run always has a
-  healthy point to go back to (a first cut with no checkpoint yet saves one at that step);
+- the baseline is the routing of the model before its first update: the routing profile when one was
+  given (`use_baseline`, `lora.experts: auto`), else the RoutingMonitor's probe batch routed at train
+  begin and summarised as a logging window is (`RoutingMonitor.begin_metrics`); only without either
+  (`monitor.probe_size: 0`) is it the mean of the first `guards.baseline_steps` logging windows, which a
+  fast collapse may already be inside. A resumed run keeps the baseline of its start (the guard's state);
+  one resumed from a halt starts a fresh episode, re-measured on the probe before its first update. The
+  baseline is written to guard_events.jsonl as a `baseline` event (its source and numbers);
+- when the guard first acts, the newest checkpoint that is healthy by its own measure (saved inside a
+  logging window it judged healthy, before that step: routing/guard_state.HealthyCheckpoints) is copied
+  out of the Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run has a
+  healthy point to go back to; with none saved yet it keeps nothing (never the troubled weights);
 - every action is logged as `routing/guard_action` (1 cut, 2 halt, 3 settled), appended to
   `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line;
 - with `guards.retention.data` (or a RetentionSet given), the retention check: the loss on rows the model
@@ -36,7 +44,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from moe_finetune.callbacks.lr import check_scheduler_can_be_cut, peak_learning_rate, scale_learning_rate
-from moe_finetune.routing.policy import GuardAction, GuardPolicy, RoutingSnapshot, load_limit_problem
+from moe_finetune.routing.guard_state import HealthyCheckpoints
+from moe_finetune.routing.policy import (
+    HEALTHY_CHECKS,
+    GuardAction,
+    GuardPolicy,
+    RoutingSnapshot,
+    load_limit_problem,
+)
 from moe_finetune.routing.reasons import percent
 from moe_finetune.rundir import (
     EVENTS_FILE,
@@ -143,9 +158,10 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.events: list[dict[str, Any]] = []
         self.initial_lr: float | None = None
         self.requested_lr: float | None = None  # args.learning_rate when the run started
-        self._last_saved_step: int | None = None  # the newest checkpoint the Trainer saved (same on every rank)
+        # which saves were healthy by the guard's own measure, from the saves and judgements every rank saw
+        self.checkpoints = HealthyCheckpoints()
         self.kept_checkpoint: Path | None = None  # the healthy checkpoint kept out of rotation
-        self._keep_at_save: int | None = None  # keep the checkpoint the Trainer saves at this step
+        self._baseline_pending = False  # measure the baseline on the monitor's probe before the first update
         self._pending_log: dict[str, float] = {}
         self._begin: tuple[Any, Any, Any, dict[str, Any]] | None = None
 
@@ -160,6 +176,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 "_saved_halt_step": self.halt_step,
                 "_saved_kept_checkpoint": None if self.kept_checkpoint is None else str(self.kept_checkpoint),
                 "_saved_windows": self._windows,
+                "_saved_checkpoints": self.checkpoints.state_dict(),
             },
         }
 
@@ -173,6 +190,9 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.kept_checkpoint = Path(kept) if kept else None
         # retention.every counts on from the checkpoint, so a resumed run checks where the whole one did
         self._windows = int(attributes.get("_saved_windows", 0))
+        self.checkpoints = HealthyCheckpoints.from_state_dict(attributes.get("_saved_checkpoints"))
+        # the state was saved just before the Trainer's on_save of this checkpoint: count it as that save
+        self.checkpoints.saved(int(state.global_step))
         self.initial_lr = attributes.get("_saved_initial_lr")
         halt_step = attributes.get("_saved_halt_step")
         # What the user asked for then (older checkpoints: the rate the run started with).
@@ -192,9 +212,12 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 "resume_lr", f"resumed with learning rate {requested:g} (was {asked_then:g})", state, None, before, after
             )
         if halt_step is not None:
-            # The run halted here before: a fresh guard episode, judged against a new baseline; the
-            # cuts already made stay in the learning rate (and in the multiplier).
+            # The run halted here before: a fresh guard episode, judged against a new baseline (the probe
+            # routed now, before this run's first update); the cuts already made stay in the learning rate
+            # (and in the multiplier). The halted weights are never a healthy checkpoint of the new episode.
             self.policy.restart_episode()
+            self.checkpoints = HealthyCheckpoints()
+            self._baseline_pending = True
             self._record(
                 "resume_after_halt",
                 f"resumed after the halt at step {halt_step}: routing baseline re-measured, cut budgets reset; "
@@ -210,8 +233,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self, entropy: float, layer_entropy: list[float], load_share: list[list[float]], dead_threshold: float
     ) -> None:
         """Judge the run against routing measured on the base model before any update (a routing profile of
-        the training data), not against its first `baseline_steps` logging windows, which already moved.
-        Applies to a fresh run; a resumed one keeps the baseline its checkpoint saved."""
+        the training data) instead of the monitor's probe batch, a few rows. Applies to a fresh run; a
+        resumed one keeps the baseline its checkpoint saved."""
         self.preset_baseline = {
             "entropy": float(entropy),
             "layer_entropy": [float(v) for v in layer_entropy],
@@ -228,13 +251,13 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self.output_dir = Path(args.output_dir)
         if self._owns_monitor:  # a guard reused for another train(): its own monitor starts over too
             self.monitor, self._owns_monitor = None, False
-        if state.global_step == 0:  # a fresh run: nothing carries over from an earlier train() call
+        fresh = state.global_step == 0
+        if fresh:  # a fresh run: nothing carries over from an earlier train() call
             self.policy = GuardPolicy(self.config)
-            if self.preset_baseline is not None:
-                self.policy.set_baseline(**self.preset_baseline)
-            self.halted, self.halt_step, self.kept_checkpoint, self._keep_at_save = None, None, None, None
+            self.halted, self.halt_step, self.kept_checkpoint = None, None, None
             self.events, self.initial_lr, self.requested_lr = [], None, None
-        self._last_saved_step = int(state.global_step) if state.global_step > 0 else None
+            self.checkpoints = HealthyCheckpoints()
+        self._baseline_pending = False
         if self.config.enabled and lr_scheduler is not None:
             check_scheduler_can_be_cut(lr_scheduler)
         if self.is_main:
@@ -262,9 +285,81 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
         if self.requested_lr is None:
             self.requested_lr = float(args.learning_rate)
+        if fresh and self.preset_baseline is not None:
+            self.policy.set_baseline(**self.preset_baseline)
+            # whoever gave it says so (train.py prints the profile's line): recorded, not echoed again
+            self._record_baseline("profile", state, self.preset_baseline, echo=False)
+        elif fresh:
+            self._baseline_pending = True
+        if self._baseline_pending and self.monitor is not None and getattr(self.monitor, "capture", None) is not None:
+            self._baseline_from_probe(state)  # the monitor began before us; else at the first step's begin
         if self.config.enabled and (self.config.retention.enabled or self._retention_given) and model is not None:
             self._start_retention(args, state, model, kwargs.get("processing_class"))
         return control
+
+    def _baseline_from_probe(self, state: Any) -> None:
+        """Take the monitor's probe, routed at this train begin before any update, as the baseline; without
+        one, say that the first `baseline_steps` logging windows will be averaged instead."""
+        self._baseline_pending = False
+        step = int(state.global_step)
+        metrics = getattr(self.monitor, "begin_metrics", None)
+        problem = None
+        if metrics is None or getattr(self.monitor, "begin_step", None) != step:
+            problem = "no probe batch was routed at train begin (monitor.probe_size 0, or the probe failed)"
+        else:
+            baseline = {
+                "entropy": float(metrics.entropy),
+                "layer_entropy": [float(v) for v in metrics.layer_entropy],
+                "load_share": [[float(v) for v in row] for row in metrics.load_share],
+                "dead_threshold": float(metrics.dead_threshold),
+            }
+            try:
+                self.policy.set_baseline(**baseline)
+            except ValueError as err:  # a layer the probe's rows never reached: nan
+                problem = f"the probe's routing cannot be a baseline ({err})"
+            else:
+                self._record_baseline("probe", state, baseline, tokens=int(metrics.tokens))
+                return
+        if self.config.enabled:
+            n = self.config.baseline_steps
+            self._record(
+                "baseline",
+                f"{problem}: the baseline is the mean of the first {n} logging window{'s' * (n != 1)}, "
+                "which a collapse in the first steps would already be inside",
+                state,
+                None,
+                None,
+                None,
+            )
+
+    def _record_baseline(
+        self, source: str, state: Any, baseline: dict[str, Any], *, tokens: int | None = None, echo: bool = True
+    ) -> None:
+        """One `baseline` event: where the baseline came from and its numbers (the report's start)."""
+        if not self.config.enabled:
+            return
+        balance = list(self.policy.state.layer_balance_baseline or [])
+        load_max = [max(row) * len(row) for row in baseline.get("load_share") or [] if row]
+        where = {
+            "probe": f"routing of the probe batch ({tokens or 0:,} tokens) before the first update",
+            "profile": "the routing profile measured on the base model before any update",
+            "windows": f"the mean of the first {self.config.baseline_steps} logging windows",
+        }[source]
+        reason = (
+            f"{where}: routing entropy {baseline['entropy']:.3f} (lowest layer "
+            f"{min(baseline['layer_entropy']):.3f})"
+            + (f", balance lowest layer {min(balance):.3f}" if balance else "")
+            + (f", largest expert load {max(load_max):.2f}x uniform" if load_max else "")
+        )
+        event = {
+            "source": source,
+            "tokens": tokens,
+            "entropy": baseline["entropy"],
+            "layer_entropy": list(baseline["layer_entropy"]),
+            "layer_balance": balance or None,
+            "layer_load_max": load_max or None,
+        }
+        self._record("baseline", reason, state, None, None, None, details=event, echo=echo)
 
     def _start_retention(self, args: Any, state: Any, model: Any, tokenizer: Any) -> None:
         """Read the retention rows (unless given) and, on a fresh run, measure the base loss before any update."""
@@ -324,8 +419,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 f"(at most {settings.max_cuts}){halt}"
             )
 
-    def _check_retention(self, state: Any, control: Any, *, cut_this_step: bool = False) -> None:
-        """Measure the retention loss now (every rank) and act on the policy's answer."""
+    def _check_retention(self, state: Any, control: Any, *, cut_this_step: bool = False) -> str:
+        """Measure the retention loss now (every rank), act on the policy's answer and return its kind."""
         assert self.retention is not None and self._model is not None
         step = int(state.global_step)
         loss = self.retention.loss(self._model)
@@ -353,6 +448,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
             )
         if control is not None and action.kind in ("cut_lr", "halt"):
             self._act(action, step, state, control, None)
+        return action.kind
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         if self._begin is not None:
@@ -367,6 +463,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 self._owns_monitor = True
                 found.on_train_begin(begin_args, begin_state, begin_control, **begin_kwargs)
             self._listen(found)
+        if self._baseline_pending:
+            self._baseline_from_probe(state)
         return control
 
     def _listen(self, monitor: Any) -> None:
@@ -394,22 +492,30 @@ class EntropyGuard(TrainerCallback, ExportableState):
         if not self.config.enabled or self.optimizer is None:
             return
         top_k = getattr(getattr(self.monitor, "capture", None), "top_k", None)
+        collecting = self.policy.baseline is None
         action = self.policy.update(
             snapshot_from_metrics(step, metrics, top_k), peak_learning_rate(self.optimizer, self.scheduler)
         )
+        check = action.details.get("check")
+        if collecting and self.policy.baseline is not None:  # the fallback: the first windows' mean is complete
+            baseline = {"entropy": self.policy.baseline, "layer_entropy": list(self.policy.layer_baseline or [])}
+            self._record_baseline("windows", state, baseline)
         if action.details.get("unreachable_load_layers"):
             self._record("warning", action.reason, state, action, None, None, metrics)
         if action.kind != "none":
             self._act(action, step, state, control, metrics)
         self._windows += 1
+        retention = None
         if self.retention is not None and action.kind != "halt" and self._windows % self.config.retention.every == 0:
-            self._check_retention(state, control, cut_this_step=action.kind == "cut_lr")
+            retention = self._check_retention(state, control, cut_this_step=action.kind == "cut_lr")
+        if check != "replay":  # a step judged before this resume: its window was accounted for then
+            self.checkpoints.judged(step, check in HEALTHY_CHECKS and retention not in ("cut_lr", "halt"))
 
     def _act(self, action: GuardAction, step: int, state: Any, control: Any, metrics: Any) -> None:
         """Carry out a cut, a halt or a `settled` finding, of the routing checks or the retention check."""
         self._pending_log["routing/guard_action"] = float(ACTION_CODES[action.kind])
         if action.kind in ("cut_lr", "halt"):
-            self._keep_healthy_checkpoint(step, action.kind, control)
+            self._keep_healthy_checkpoint(step)
         if action.kind == "settled":
             lr = float(self.optimizer.param_groups[0]["lr"])
             self._record("settled", action.reason, state, action, lr, lr, metrics)
@@ -419,30 +525,26 @@ class EntropyGuard(TrainerCallback, ExportableState):
             self._record("cut_lr", action.reason, state, action, before, after, metrics)
             return
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if self._keep_at_save == step:
-            self._keep_at_save = None  # a cut at this same step asked to keep this checkpoint: it is the halted one
         self.halted = action
         self.halt_step = step
         self._record("halt", action.reason, state, action, lr, lr, metrics)
         control.should_save = True
         control.should_training_stop = True
 
-    def _keep_healthy_checkpoint(self, step: int, kind: str, control: Any) -> None:
-        """When the guard first acts, keep the last checkpoint before `step` out of rotation.
+    def _keep_healthy_checkpoint(self, step: int) -> None:
+        """When the guard first acts, keep the newest healthy checkpoint before `step` out of rotation.
 
-        Decided from the saves every rank has seen (on_save), never from one rank's disk, so all ranks
-        agree on whether to save. With no checkpoint yet, a first *cut* saves one at this step (the
-        weights at the first sign of trouble, the best point left); a first *halt* keeps nothing: its
-        own checkpoint is the collapsed one.
+        Healthy by the guard's own measure: saved inside a logging window it judged healthy
+        (HealthyCheckpoints), so never one inside the window that showed the trouble, nor the weights
+        at the trouble itself. Decided from the saves and judgements every rank has seen, never from one
+        rank's disk. With no healthy checkpoint saved yet it keeps nothing: a halted run then says to
+        start again at a lower learning rate.
         """
-        if self.kept_checkpoint is not None or self._keep_at_save is not None or self.output_dir is None:
+        if self.kept_checkpoint is not None or self.output_dir is None:
             return
-        if self._last_saved_step is not None and self._last_saved_step < step:
-            self._keep(self._last_saved_step)
-            return
-        if kind == "cut_lr":
-            control.should_save = True
-            self._keep_at_save = step
+        healthy = self.checkpoints.before(step)
+        if healthy is not None:
+            self._keep(healthy)
 
     def _keep(self, saved_step: int) -> None:
         """Every rank records where the kept copy is; the main process makes it (when the original is here)."""
@@ -451,12 +553,15 @@ class EntropyGuard(TrainerCallback, ExportableState):
         self.kept_checkpoint = self.output_dir / KEPT_CHECKPOINT_DIR / name
         if self.is_main and (self.output_dir / name).is_dir():
             keep_out_of_rotation(self.output_dir / name, self.output_dir)
+        elif self.is_main and not self.kept_checkpoint.is_dir():
+            warnings.warn(
+                f"EntropyGuard: the healthy {name} was rotated away (save_total_limit) before the guard acted: "
+                "nothing is kept in last-healthy/",
+                stacklevel=2,
+            )
 
     def on_save(self, args, state, control, **kwargs):
-        self._last_saved_step = int(state.global_step)
-        if self._keep_at_save is not None and state.global_step == self._keep_at_save and self.output_dir is not None:
-            self._keep(self._keep_at_save)
-            self._keep_at_save = None
+        self.checkpoints.saved(int(state.global_step))
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -495,6 +600,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         lr_before: float | None,
         lr_after: float | None,
         metrics: Any = None,
+        details: dict[str, Any] | None = None,
+        echo: bool = True,
     ) -> None:
         event: dict[str, Any] = {
             "step": state.global_step,
@@ -507,6 +614,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
         }
         if action is not None:
             event["details"] = action.details
+        if details is not None:
+            event["details"] = details
         if metrics is not None:
             event["metrics"] = metrics.pooled()
             event["baseline"] = {"entropy": self.policy.baseline, "layer_entropy": self.policy.layer_baseline}
@@ -517,7 +626,7 @@ class EntropyGuard(TrainerCallback, ExportableState):
         if self.is_main:
             if self.output_dir is not None:
                 append_event(self.output_dir, event)
-            if self.echo is not None:
+            if self.echo is not None and echo:
                 label = {"cut_lr": "CUT LR", "halt": "HALT", "settled": "SETTLED", "warning": "WARNING"}.get(kind, kind)
                 lrs = f" (lr {lr_before:.3g} -> {lr_after:.3g})" if kind == "cut_lr" else ""
                 self.echo(f"[guard] step {state.global_step}: {label}{lrs}: {reason}")

@@ -1,7 +1,9 @@
 """RoutingMonitor: routing health at every logging step of any transformers Trainer (SFTTrainer too).
 
 At train begin it hooks every router (routing/capture.py) and routes a small fixed probe batch
-taken from the training data, the reference for drift. At each logging step (in `on_step_end`,
+taken from the training data, the reference for drift; the same forwards, summarised as a logging
+window is (`begin_metrics`), are the routing of the model before this run's first update, which the
+EntropyGuard takes as its baseline. At each logging step (in `on_step_end`,
 after DefaultFlowCallback has set `control.should_log`) it
 
 1. all-reduces the flattened running sums across processes (one collective), so every rank
@@ -73,7 +75,8 @@ class RoutingMonitor(TrainerCallback):
 
     The probe's routing at the start is kept in the run directory (routing_probe.pt), so a resumed run
     measures drift from the start too; routing.jsonl lines past the checkpoint's step (from the attempt
-    that stopped) are dropped.
+    that stopped) are dropped. `begin_metrics` (at `begin_step`) is the probe's routing at this train
+    begin as RoutingMetrics, all-reduced like a logging step's: the guard's baseline (None without a probe).
     """
 
     def __init__(
@@ -107,6 +110,9 @@ class RoutingMonitor(TrainerCallback):
         self._model: Any = None
         self._probe_batch: dict[str, torch.Tensor] | None = None
         self._probe_start: ProbeResult | None = None
+        # The probe's routing at this train begin, before the run's first update: the guard's baseline.
+        self.begin_metrics: RoutingMetrics | None = None
+        self.begin_step: int | None = None
         self._probe_chunk: int | None = None  # the training batch size: a probe never outgrows a step
         self._last_drift_step: int | None = None
         self._pending_log: dict[str, float] = {}
@@ -173,23 +179,39 @@ class RoutingMonitor(TrainerCallback):
         self.capture = RoutingCapture(model, capacity_factor=self.capacity_factor, train_only=True)
         setattr(model, MONITOR_ATTRIBUTE, self)
         self._probe_batch, self._probe_start, self._last_drift_step = None, None, None
+        self.begin_metrics, self.begin_step = None, int(state.global_step)
         if self.probe_size > 0:
+            now = None
             try:
                 self._probe_batch = take_probe_batch(train_dataloader, self.probe_size)
                 self._probe_chunk = int(getattr(args, "per_device_train_batch_size", 0) or 0) or None
                 if self._probe_batch is not None:
-                    self._probe_start = self._reference_probe(int(state.global_step))
+                    now = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
+                    self._probe_start = self._reference_probe(int(state.global_step), now)
             except Exception as err:  # drift is optional: never fail a training run over the probe
                 warnings.warn(f"RoutingMonitor: no probe batch, routing/drift is off ({err})", stacklevel=2)
-                self._probe_batch, self._probe_start = None, None
+                self._probe_batch, self._probe_start, now = None, None, None
+            if now is not None:
+                self.begin_metrics = self._summarise_probe(now)
         return control
 
-    def _reference_probe(self, step: int) -> ProbeResult:
-        """Routing of the probe at the start of the run: measured now on a fresh start (and kept in the run
+    def _summarise_probe(self, probe: ProbeResult) -> RoutingMetrics | None:
+        """The probe's routing as a logging step's metrics (reduced across ranks the same way); None when it
+        routed no real token."""
+        assert probe.sums is not None
+        sums = probe.sums
+        if world_size() > 1:
+            flat = sums.as_tensor()
+            torch.distributed.all_reduce(flat)
+            sums = sums.from_tensor(flat)
+        metrics = summarise(sums, capacity_factor=self.capacity_factor, dead_threshold=self.dead_threshold)
+        return metrics if metrics.tokens > 0 else None
+
+    def _reference_probe(self, step: int, now: ProbeResult) -> ProbeResult:
+        """Routing of the probe at the start of the run: `now` on a fresh start (and kept in the run
         directory), read back on a resume, so routing/drift stays "since the start" across resumes."""
         assert self.capture is not None and self._probe_batch is not None
         path = self.output_dir / ROUTING_PROBE_FILE if self.output_dir is not None else None
-        now = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
         if step == 0:
             if self._is_main and path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

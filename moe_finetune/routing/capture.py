@@ -160,6 +160,7 @@ class RoutingCapture:
         self._keep: torch.Tensor | None = None  # (B*T,) bool of the forward in flight
         self._keep_on: dict[torch.device, torch.Tensor] = {}  # that mask, moved to each router device
         self._probe: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._probe_sums: RoutingSums | None = None  # where a probe's forwards are summed, if asked
         self._warned_mask = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._install()
@@ -259,20 +260,35 @@ class RoutingCapture:
     # ------------------------------------------------------------------ recording choices (the drift probe)
 
     @contextmanager
-    def recording_choices(self) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    def recording_choices(
+        self, into: RoutingSums | None = None
+    ) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Inside the block, router forwards record what they chose instead of adding to the sums.
 
         Yields a dict filled per layer with (chosen experts (N, k), top-k assignments per expert (E,))
         over the real rows; the running sums are untouched, so routing/probe.py can re-route a fixed
-        batch in the middle of a logging window.
+        batch in the middle of a logging window. With `into` (sums made by `empty_sums`), the same
+        forwards are also added into those sums exactly as a training window's are, so the probe's
+        routing gives the same metrics (`summarise`) a logging step does.
         """
         if not self.active:
             raise RuntimeError("the capture's hooks were removed; recording needs them installed")
-        self._probe = {}
+        self._probe, self._probe_sums = {}, into
         try:
             yield self._probe
         finally:
-            self._probe = None
+            self._probe, self._probe_sums = None, None
+
+    def empty_sums(self) -> RoutingSums:
+        """Zero sums of this model's layout on `device`, apart from the running ones (for `recording_choices`)."""
+        return RoutingSums.zeros(
+            self.num_layers,
+            self.num_experts,
+            self.top_k,
+            self.layer_names,
+            device=self.device,
+            dtype=_sums_dtype(self.device),
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -299,6 +315,8 @@ class RoutingCapture:
                     # the probe stacks every layer's choices: gather them on one device
                     counts = self._assignments(chosen, keep, logits.dtype)
                     self._probe[layer] = (chosen.to(self.device), counts.to(self.device))
+                    if self._probe_sums is not None:
+                        self._accumulate(layer, logits, chosen, keep, into=self._probe_sums)
                 else:
                     self._accumulate(layer, logits, chosen, keep)
 
@@ -344,7 +362,12 @@ class RoutingCapture:
         return counts.index_add_(0, chosen.reshape(-1), weights.reshape(-1))
 
     def _accumulate(
-        self, layer: int, logits: torch.Tensor, chosen: torch.Tensor, keep: torch.Tensor | None
+        self,
+        layer: int,
+        logits: torch.Tensor,
+        chosen: torch.Tensor,
+        keep: torch.Tensor | None,
+        into: RoutingSums | None = None,
     ) -> None:
         probs = self._scores(logits)  # (N, E)
         # softmax(logits) in every family (routing_entropy_probs): a softmax family already has it
@@ -361,10 +384,14 @@ class RoutingCapture:
             prob_sum = torch.where(keep.unsqueeze(-1), probs, 0.0).sum(0)
             entropy_sum = torch.where(keep, entropy, 0.0).sum()
             z_sum = torch.where(keep, z, 0.0).sum()
-        # this router's own device: no transfer inside the hook
-        sums = self._layer_sums(layer, logits.device)
+        # this router's own device: no transfer inside the hook (a probe's sums: on `device`, moved there)
+        sums = self._layer_sums(layer, logits.device) if into is None else into
         # capacity is per forward (per micro-batch), as an expert-parallel dispatch would see it
         overflow = overflow_assignments(counts, self.top_k, self.capacity_factor)
+        if sums.device != logits.device:
+            tokens = tokens.to(sums.device) if isinstance(tokens, torch.Tensor) else tokens
+            counts, prob_sum, entropy_sum = counts.to(sums.device), prob_sum.to(sums.device), entropy_sum.to(sums.device)
+            z_sum, overflow = z_sum.to(sums.device), overflow.to(sums.device)
         # add_ on a row view: one in-place kernel each (`sums.x[layer] += v` would add a copy-back)
         sums.tokens[layer].add_(tokens)
         sums.assign_counts[layer].add_(counts)

@@ -164,3 +164,48 @@ def share_balance(shares: list[float]) -> float:
     if total <= 0:
         return math.nan
     return -sum(s / total * math.log(s / total) for s in shares if s > 0) / math.log(len(shares))
+
+
+@dataclass
+class HealthyCheckpoints:
+    """Which saved checkpoint is healthy by the guard's own measure: the one `last-healthy/` keeps.
+
+    A checkpoint belongs to the logging window it was saved in: the window that ends at the first logging
+    step at or after its step (a save at a logging step belongs to the window that step closes, which the
+    guard judges before the Trainer saves). It is healthy when that window was judged healthy; a save inside
+    a window that later proves troubled never is, nor is one at or after the step the guard acts. Fed by
+    the adapter in the order the Trainer runs: `judged` at each logging step, `saved` at each save.
+    Plain numbers, checkpointed with the guard, so a resumed run knows which of its saves were healthy.
+    """
+
+    judged_step: int | None = None  # the last logging step judged
+    judged_healthy: bool = False  # and whether its window was healthy
+    unjudged: list[int] = field(default_factory=list)  # saves inside the window still open
+    healthy: int | None = None  # the newest save inside a window judged healthy
+
+    def judged(self, step: int, healthy: bool) -> None:
+        """The window that ends at `step` was judged: the saves inside it are healthy if it was."""
+        if healthy and self.unjudged:
+            self.healthy = max(self.unjudged)
+        self.unjudged = []
+        self.judged_step, self.judged_healthy = int(step), bool(healthy)
+
+    def saved(self, step: int) -> None:
+        """A checkpoint was saved at `step` (also: a run resumed from it)."""
+        if self.judged_step is not None and step <= self.judged_step:
+            if step == self.judged_step and self.judged_healthy:
+                self.healthy = int(step)  # saved right after its own (healthy) window was judged
+            return
+        self.unjudged.append(int(step))
+
+    def before(self, step: int) -> int | None:
+        """The healthy checkpoint to go back to when the guard acts at `step`, or None if none was saved."""
+        return self.healthy if self.healthy is not None and self.healthy < step else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any] | None) -> HealthyCheckpoints:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: copy.deepcopy(value) for key, value in (state or {}).items() if key in names})

@@ -13,7 +13,9 @@ reads. The checks, in order:
 
 1. non-finite router output                         -> halt
 2. absolute threshold: entropy floor                -> halt
-3. baseline: the first `baseline_steps` snapshots are averaged; nothing relative is judged before that
+3. baseline: routing before the first update, given by the adapter (`set_baseline`: the probe batch
+   routed at train begin, or a routing profile); without one, the first `baseline_steps` snapshots are
+   averaged, and nothing relative is judged before that
 4. collapse of the load: an expert over its load limit, a quarter of a layer's experts dead for
    `dead_patience` checks, or a layer's balance `halt_balance_drop` below its baseline -> halt
 5. level limits: routing entropy `halt_drop` / `halt_layer_drop` below baseline -> halt
@@ -61,10 +63,23 @@ from moe_finetune.routing.guard_state import (
 )
 from moe_finetune.sections import GuardConfig
 
-__all__ = ["Finding", "GuardAction", "GuardPolicy", "GuardState", "RoutingSnapshot", "load_limit_problem"]
+__all__ = [
+    "HEALTHY_CHECKS",
+    "Finding",
+    "GuardAction",
+    "GuardPolicy",
+    "GuardState",
+    "RoutingSnapshot",
+    "load_limit_problem",
+]
 
 # A drop of exactly 10% computed in floats is 0.0999...; a threshold compares with this much slack.
 _SLACK = 1e-9
+
+# The checks whose answer means "this logging window was healthy": above every cut line (or, with no
+# baseline measured before the first update, one of the windows the baseline is averaged from). A
+# checkpoint saved inside such a window is one the guard may keep as healthy (guard_state.HealthyCheckpoints).
+HEALTHY_CHECKS = frozenset({"healthy", "baseline"})
 
 
 class GuardPolicy:
@@ -197,8 +212,8 @@ class GuardPolicy:
                 "halt", {"check": "entropy_floor", "entropy": snapshot.entropy, "floor": cfg.entropy_floor}
             )
 
-        # 3. Baseline: average the first baseline_steps snapshots; judge nothing relative before that.
-        #    Load and dead experts are judged against it too: on narrow-domain data a healthy router
+        # 3. Baseline: set before the first update (set_baseline), or else the first baseline_steps
+        #    snapshots averaged, judging nothing relative before that. Load and dead experts are judged against it too: on narrow-domain data a healthy router
         #    already favours a few experts, and only a change from that is collapse.
         if state.baseline is None or state.layer_baseline is None:
             return self._collect_baseline(snapshot)

@@ -5,6 +5,10 @@ RoutingMonitor takes the first rows of the training data as the probe (`take_pro
 touching the samplers' random state), routes it at train begin (`probe_routing`) and again every few
 hundred steps, and compares the two (`compare_probes`). A probe is a no-grad, eval-mode forward of the
 backbone only, recorded by the capture's hooks without touching the running sums.
+
+The probe at train begin is also the guard's baseline: routing of the model before any update. Its
+forwards are summed exactly as a training window's are (`ProbeResult.sums`), so `summarise` gives it
+the same metrics a logging step has (per-token entropy, load share, balance per layer).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 import torch
 
 from moe_finetune.routing.capture import RoutingCapture, real_rows
-from moe_finetune.routing.metrics import js_divergence, load_share, topk_set_change
+from moe_finetune.routing.metrics import RoutingSums, js_divergence, load_share, topk_set_change
 
 # Keyword arguments of a backbone forward that the probe passes on (labels would only add a loss).
 _PROBE_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
@@ -29,6 +33,9 @@ class ProbeResult:
     topk: torch.Tensor  # (L, N, k) expert indices chosen per layer and token (N = B*T rows)
     counts: torch.Tensor  # (L, E) top-k assignments over the real tokens
     valid: torch.Tensor | None  # (N,) bool, False for padding; None = every row is real
+    # the probe's forwards as a logging window's running sums (metrics.summarise reads them); None for the
+    # drift reference read back from routing_probe.pt, which keeps the choices only
+    sums: RoutingSums | None = None
 
     def load_share(self) -> torch.Tensor:
         """(L, E) fraction of the probe's top-k assignments per expert."""
@@ -92,10 +99,11 @@ def probe_routing(
     modes = [(module, module.training) for module in capture.model.modules()]
     topk_parts: list[list[torch.Tensor]] = [[] for _ in range(capture.num_layers)]
     counts = torch.zeros(capture.num_layers, capture.num_experts, device=capture.device)
+    sums = capture.empty_sums()
     try:
         capture.model.eval()
         for chunk in chunks:
-            with capture.recording_choices() as chosen_by_layer:
+            with capture.recording_choices(into=sums) as chosen_by_layer:
                 capture.backbone(**chunk, use_cache=False)
             missing = [capture.layer_names[i] for i in range(capture.num_layers) if i not in chosen_by_layer]
             if missing:
@@ -108,7 +116,7 @@ def probe_routing(
             module.training = training
     # chunks split the batch dimension, so concatenated rows keep the row-major b*T+t order
     topk = torch.stack([torch.cat(parts) for parts in topk_parts])  # (L, N, k)
-    return ProbeResult(topk=topk, counts=counts, valid=_real_rows(topk.shape[1], inputs))
+    return ProbeResult(topk=topk, counts=counts, valid=_real_rows(topk.shape[1], inputs), sums=sums)
 
 
 def _real_rows(rows: int, inputs: Mapping[str, Any]) -> torch.Tensor | None:
