@@ -26,7 +26,11 @@ LoRA dropout (PEFT refuses it on parameter wrappers): the fast path applies the 
 `lora_dropout[adapter]` module to each routed row's input of the LoRA term only, `s·B·A·dropout(x)`,
 independently per (token, expert) pair, the way `lora.Linear` applies it to a token's input.
 
-Why one file of ~430 lines: the forward, its two memory-saving autograd functions and the switch that
+On CPU each expert's routed rows are padded to one of a few counts per octave (`_row_layout`): oneDNN
+keeps one primitive per matmul shape, and unpadded counts change every step (measured: ~1 GiB of cache
+after two steps, and slower steps, on a 1,152 MiB-expert model). The padding rows are never read back.
+
+Why one file of ~510 lines: the forward, its two memory-saving autograd functions and the switch that
 keeps PEFT's wrapper from merging are one mechanism, and the equality with PEFT's path depends on all
 three agreeing on PEFT's factor layout.
 """
@@ -82,12 +86,13 @@ def _grouped(a: torch.Tensor, b: torch.Tensor | PackedExperts, offs: torch.Tenso
 
 
 def _packed_rows(a: torch.Tensor, b: PackedExperts, offs: torch.Tensor) -> torch.Tensor:
-    """Rows of `a` times their expert's dequantized weight, one expert at a time (each a transient tensor)."""
+    """Rows of `a` times their expert's dequantized weight, one expert at a time, each dequantized into the
+    one reused workspace of its shape (`PackedExperts.borrow`) and consumed by its matmul before the next."""
     out = a.new_empty(a.shape[0], b.shape[-1], dtype=b.dtype)
     start = 0
     for e, end in enumerate(offs.tolist()):  # one host sync for all experts
         if end > start:
-            torch.mm(a[start:end], b[e], out=out[start:end])
+            torch.mm(a[start:end], b.borrow(e), out=out[start:end])
         start = end
     return out
 
@@ -298,6 +303,37 @@ def _memory_saving(terms: list[_LoraTerm]) -> bool:
     return isinstance(dropout, nn.Identity) or not (dropout.training and getattr(dropout, "p", 0.0) > 0)
 
 
+def _bucketed(counts: torch.Tensor) -> torch.Tensor:
+    """Each count rounded up to one of 8 steps per octave (exact below 16): at most 12.5% more rows."""
+    step = torch.exp2((torch.log2(counts.clamp(min=1).double()).floor() - 3).clamp(min=0)).long()
+    return (counts + step - 1) // step * step
+
+
+def _row_layout(
+    counts: torch.Tensor, perm: torch.Tensor, expert_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows each expert computes and where each sorted row sits among them.
+
+    Returns rows (E,), position (S,) (sorted row i -> its row), and perm and expert_ids over all rows.
+    On CUDA that is the sorted layout itself. On CPU each expert's count is padded (`_bucketed`): oneDNN
+    (bf16 matmuls) builds and caches one primitive per matmul shape, and the routed count per expert
+    changes every step, so unpadded its cache filled to its 1,024 entries within two steps of the
+    1,152 MiB-expert benchmark model and held ~1 GiB (`ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` gave that
+    back); with a handful of counts per matmul it stays a few dozen entries. Padding rows compute on slot
+    0's token and nothing reads them back: their gradient is zero, so they add nothing to any other.
+    """
+    if perm.device.type != "cpu":
+        return counts, torch.arange(perm.numel(), device=perm.device), perm, expert_ids
+    rows = _bucketed(counts)
+    starts = torch.cumsum(counts, 0) - counts
+    padded_starts = torch.cumsum(rows, 0) - rows
+    position = torch.arange(perm.numel()) - starts[expert_ids] + padded_starts[expert_ids]
+    total = int(rows.sum())
+    padded_perm = perm.new_zeros(total)
+    padded_perm[position] = perm
+    return rows, position, padded_perm, torch.repeat_interleave(torch.arange(counts.numel()), rows)
+
+
 def lora_grouped_mm_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -316,9 +352,12 @@ def lora_grouped_mm_experts_forward(
     num_tokens, hidden_dim = hidden_states.shape
     num_top_k = top_k_index.shape[-1]
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # S = N·k rows, grouped by expert
-    token_index = perm // num_top_k
     counts = torch.bincount(expert_ids, minlength=self.num_experts)
-    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    # Where each sorted row sits: on CPU each expert's rows are padded to a bucketed count (`_bucketed`).
+    sorted_slots = perm
+    rows, position, perm, expert_ids = _row_layout(counts, perm, expert_ids)
+    token_index = perm // num_top_k
+    offs = torch.cumsum(rows, dim=0, dtype=torch.int32)
 
     # Weights in "rows times weight" order (E, in, out): transposed storage (GPT-OSS) already is. A 4-bit
     # stack (models/quant4.py) is dequantized one expert at a time, in forward and again in backward.
@@ -344,9 +383,10 @@ def lora_grouped_mm_experts_forward(
         out = out + self.down_proj_bias[expert_ids]
 
     out = out * top_k_weights.reshape(-1)[perm].unsqueeze(-1)  # (S, H); fp32 weights promote, as upstream
-    # Back to (token, slot) order, then sum the k slots: deterministic, as transformers does it.
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    # Back to (token, slot) order (padding rows are never read), then sum the k slots: deterministic, as
+    # transformers does it.
+    inverse = torch.empty_like(position)
+    inverse[sorted_slots] = position
     return out[inverse].view(num_tokens, num_top_k, hidden_dim).sum(dim=1).to(hidden_states.dtype)
 
 

@@ -14,9 +14,12 @@ expert at a time, so that each expert can be dequantized on its own:
 - loading: `ExpertsBnb4bitQuantizer` is transformers' own bitsandbytes 4-bit quantizer plus the fused
   experts: transformers hands it each stack right after reading (and, for per-expert checkpoints, fusing)
   it, and it is packed at once, so peak host memory stays near the packed model plus one layer in bf16;
-- compute: `PackedExperts[e]` dequantizes one expert into a transient tensor; the experts forward
-  (models/experts.py, `lora_grouped_mm`) loops over the experts that have routed rows and recomputes the
-  dequantization in backward instead of keeping it, so nothing full-size is saved for backward.
+- compute: the experts forward (models/experts.py, `lora_grouped_mm`) loops over the experts that have
+  routed rows; `PackedExperts.borrow(e)` dequantizes each into one reused buffer per shape and thread
+  (`workspace`), which its matmul consumes before the next expert is dequantized, and backward dequantizes
+  again into the same buffer instead of keeping anything: nothing full-size is saved for backward, and no
+  expert-sized tensor is allocated per expert per pass (a new one each time fragmented glibc's heap: on
+  CPU bitsandbytes has no `dequantize_4bit(out=)`, so its native CPU kernel is called into the buffer).
 
 Routers are custom modules (not `nn.Linear`) in every family we support and stay as they are; the
 Qwen2-MoE shared-expert gate (an `nn.Linear` with one output) is kept out of quantization with the
@@ -25,6 +28,9 @@ lm_head, as a router should be.
 
 from __future__ import annotations
 
+import ctypes
+import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,13 +134,12 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _CODES[key]
 
 
-def dequantize_expert(experts: nn.Module, name: str, e: int) -> torch.Tensor:
-    """Expert `e` of the packed stack `name`, dequantized: (d1, d2) in the compute dtype (a new tensor)."""
+def _quant_state(experts: nn.Module, name: str, e: int) -> Any:
+    """bitsandbytes' QuantState of expert `e` of the packed stack `name` (views of the module's buffers)."""
     import bitsandbytes.functional as bnbf
 
     spec = packed_spec(experts, name)
     assert spec is not None, f"{name} is not packed"
-    packed = experts._parameters[name]
     state2 = offset = None
     if spec.nested:
         state2 = bnbf.QuantState(
@@ -144,17 +149,109 @@ def dequantize_expert(experts: nn.Module, name: str, e: int) -> torch.Tensor:
             dtype=torch.float32,
         )
         offset = getattr(experts, f"{name}_offset")[e]
-    state = bnbf.QuantState(
+    return bnbf.QuantState(
         absmax=getattr(experts, f"{name}_absmax")[e],
         shape=torch.Size(spec.shape),
-        code=_code(spec.quant_type, packed.device),
+        code=_code(spec.quant_type, experts._parameters[name].device),
         blocksize=spec.blocksize,
         quant_type=spec.quant_type,
         dtype=spec.dtype,
         offset=offset,
         state2=state2,
     )
-    return bnbf.dequantize_4bit(packed[e].reshape(-1, 1), state)
+
+
+def dequantize_expert(experts: nn.Module, name: str, e: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert `e` of the packed stack `name`, dequantized: (d1, d2) in the compute dtype, written into `out`
+    when given (contiguous, that shape and dtype; returned), else a new tensor."""
+    import bitsandbytes.functional as bnbf
+
+    packed = experts._parameters[name][e]
+    state = _quant_state(experts, name, e)
+    if out is None:
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), state)
+    assert out.shape == state.shape and out.dtype == state.dtype and out.is_contiguous(), out.shape
+    if out.device.type != "cpu":
+        try:  # CUDA, XPU, MPS: bitsandbytes' own `out=` kernels
+            return bnbf.dequantize_4bit(packed.reshape(-1, 1), state, out=out)
+        except NotImplementedError:
+            return out.copy_(bnbf.dequantize_4bit(packed.reshape(-1, 1), state))
+    kernel = _cpu_dequantize_kernel(state.quant_type, state.dtype, state.blocksize, tuple(state.shape))
+    absmax_kernel = _native_cpu_function("cdequantize_blockwise_cpu_fp32") if state.nested else None
+    if kernel is None or (state.nested and absmax_kernel is None):
+        return out.copy_(bnbf.dequantize_4bit(packed.reshape(-1, 1), state))
+    absmax = state.absmax
+    # With double quant, what bnbf.dequantize_4bit does first, here into a workspace too (fp32, 1/64 of the values)
+    if state.nested:
+        absmax = workspace(state.absmax.shape, torch.float32, out.device)
+        absmax_kernel(
+            _pointer(state.state2.code),
+            _pointer(state.absmax),
+            _pointer(state.state2.absmax),
+            _pointer(absmax),
+            ctypes.c_longlong(state.state2.blocksize),
+            ctypes.c_longlong(state.absmax.numel()),
+        )
+        absmax += state.offset
+    kernel(
+        _pointer(packed),
+        _pointer(absmax),
+        _pointer(out),
+        ctypes.c_longlong(state.blocksize),
+        ctypes.c_longlong(math.prod(state.shape[:-1])),
+        ctypes.c_longlong(state.shape[-1]),
+    )
+    return out
+
+
+def _pointer(tensor: torch.Tensor) -> ctypes.c_void_p:
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    return ctypes.c_void_p(tensor.data_ptr())
+
+
+def _native_cpu_function(name: str) -> Any:
+    """A function of bitsandbytes' native CPU library, or None where it has none (or no library loaded)."""
+    try:
+        from bitsandbytes.cextension import lib
+    except ImportError:
+        return None
+    # the ctypes CDLL itself: bitsandbytes' wrapper would turn a missing symbol into a stub that raises when called
+    native = getattr(lib, "_lib", None)
+    return getattr(native, name, None)
+
+
+def _cpu_dequantize_kernel(
+    quant_type: str, dtype: torch.dtype, blocksize: int, shape: tuple[int, ...]
+) -> Any:
+    """bitsandbytes' CPU 4-bit kernel for these settings, to call into our buffer: bitsandbytes has no CPU
+    `dequantize_4bit.out` and allocates a new output per call (backends/cpu/ops.py, which calls this same C
+    function, so the values are bitwise equal). None where its CPU op would not call it (odd last dimension;
+    blocksize >= 2048 on AVX512) or the native library lacks it: then the caller copies bitsandbytes' result."""
+    suffix = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    if suffix is None or shape[-1] % 2 or (blocksize >= 2048 and avx512):
+        return None
+    return _native_cpu_function(f"cdequantize_blockwise_cpu_{quant_type}_{suffix}")
+
+
+_WORKSPACES = threading.local()
+
+
+def workspace(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """This thread's reusable buffer of that shape, dtype and device (allocated on first use, kept).
+
+    The experts forward dequantizes each expert into it instead of into a new tensor: a new (d1, d2)
+    tensor per expert per pass is a mid-size block that glibc keeps in its heap once freed (on the
+    1,152 MiB-expert benchmark model that left ~2 GiB more resident after 3 steps than the weights saved)
+    and, on CUDA, a block the caching allocator must find each time. Per thread, so a forward on one thread
+    never writes into a buffer another thread's forward or backward is reading.
+    """
+    buffers = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key = (tuple(shape), dtype, torch.device(device))
+    buffer = buffers.get(key)
+    if buffer is None:
+        buffer = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buffer
 
 
 def dequantize_stack(experts: nn.Module, name: str) -> torch.Tensor:
@@ -198,7 +295,16 @@ class PackedExperts:
         self.dtype = spec.dtype
 
     def __getitem__(self, e: int) -> torch.Tensor:
+        """Expert e dequantized into a new tensor (in, out): safe to keep."""
         weight = dequantize_expert(self.experts, self.name, e)
+        return weight.t() if self.transposed else weight
+
+    def borrow(self, e: int) -> torch.Tensor:
+        """Expert e dequantized into this thread's workspace of its shape (`workspace`), as an (in, out) view:
+        valid until the next `borrow` of a stack of that shape on this thread, so use it at once and never
+        keep it (nor let autograd save it)."""
+        buffer = workspace(torch.Size(self.spec.shape), self.spec.dtype, self.device)
+        weight = dequantize_expert(self.experts, self.name, e, out=buffer)
         return weight.t() if self.transposed else weight
 
     def transpose(self, dim0: int, dim1: int) -> PackedExperts:
