@@ -149,6 +149,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moe_finetune.export import export_adapter
+
+    export_adapter(
+        args.source, args.output, format=args.format, base=args.base, overwrite=args.overwrite, echo=print
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from moe_finetune.generate import read_prompt, run_generate
 
@@ -267,6 +276,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-shard-size", help="largest safetensors shard, e.g. 5GB (default 2GB; the save holds one at a time)"
     )
     merge.set_defaults(func=cmd_merge)
+
+    export = sub.add_parser(
+        "export",
+        help="write a run's adapter for serving unmerged in vLLM or SGLang, per expert or fused (checked against "
+        "PEFT's own deltas first)",
+    )
+    export.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=("per-expert", "fused"),
+        help="per-expert: one LoRA per expert projection (vLLM and SGLang, per-expert models); fused: PEFT's "
+        "layout for target parameters (vLLM: natively for GPT-OSS, else with --enable-mixed-moe-lora-format)",
+    )
+    export.add_argument("--output", help="where to write the adapter (default: RUN_DIR/export-FORMAT)")
+    export.add_argument("--base", metavar="MODEL", help="the base model, if not the one the adapter names")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
+    export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser(
         "generate", help="answer a prompt with a run's adapter or a merged model (and show the experts it used)"

@@ -1,10 +1,10 @@
 """Which folders a command may write into or replace, and how it replaces one without losing it.
 
 `--overwrite` used to mean `shutil.rmtree(whatever you typed)`: `--output-dir .` erased the repository it
-ran in. Now a command replaces only a folder this project wrote (a run directory, a merged model) that holds
-nothing but what the project writes, and never a folder that matters whatever it holds: the working
-directory or one above it, the home folder, a filesystem root, a git work tree, or a folder holding what the
-command reads (its recipe, data, model or adapter). The old folder is moved aside by one rename and deleted
+ran in. Now a command replaces only a folder this project wrote (a run directory, a merged model, an exported
+adapter) that holds nothing but what the project writes, and never a folder that matters whatever it holds: the
+working directory or one above it, the home folder, a filesystem root, a git work tree, or a folder holding what
+the command reads (its recipe, data, model or adapter). The old folder is moved aside by one rename and deleted
 only once the new one is complete, so an interrupted replace leaves it whole. No torch: `train` checks all
 of this before any model loads.
 """
@@ -49,18 +49,43 @@ RUN_NAMES = frozenset(
         "profile",
     }
 )
-RUN_PATTERNS = (re.compile(r"checkpoint-\d+"), re.compile(r"[^/]*\.png"), re.compile(r"\..*\.tmp.*"))
+RUN_PATTERNS = (
+    re.compile(r"checkpoint-\d+"),
+    re.compile(r"[^/]*\.png"),
+    re.compile(r"\..*\.tmp.*"),
+    re.compile(r"export-(per-expert|fused)"),  # what `export` writes into a run by default
+)
 RUN_MARKERS = (RUN_SUMMARY_FILE, RESOLVED_RECIPE_FILE)
 
 # `merge` writes this beside the model it saves: what it merged, and the mark that the folder is its own.
 MERGE_MARKER = "moe_finetune_merge.json"
+# The files of a tokenizer as `save_pretrained` writes them (a merged model and an export carry the run's own).
+TOKENIZER_PATTERNS = (
+    re.compile(r"(tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.(json|txt|model)"),
+    re.compile(r"merges\.txt|chat_template\.(jinja|json)"),
+)
 MERGE_PATTERNS = (
     re.compile(r"config\.json|generation_config\.json"),
     re.compile(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"),
-    re.compile(r"(tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab)\.(json|txt|model)"),
-    re.compile(r"merges\.txt|chat_template\.(jinja|json)|README\.md"),
+    *TOKENIZER_PATTERNS,
+    re.compile(r"README\.md"),
     re.compile(re.escape(MERGE_MARKER)),
 )
+
+# `export` writes this beside the adapter it re-emits for an engine: the format, the check, how to serve it.
+EXPORT_MARKER = "moe_finetune_export.json"
+EXPORT_PATTERNS = (
+    re.compile(r"adapter_config\.json|adapter_model\.safetensors"),
+    *TOKENIZER_PATTERNS,
+    re.compile(re.escape(EXPORT_MARKER)),
+)
+
+# What each kind of folder holds (names, patterns), the files that mark it as ours, and what it is called.
+_KINDS: dict[str, tuple[frozenset[str], Sequence[re.Pattern[str]], tuple[str, ...], str]] = {
+    "run": (RUN_NAMES, RUN_PATTERNS, RUN_MARKERS, "run directory"),
+    "merge": (frozenset({MERGE_MARKER}), MERGE_PATTERNS, (MERGE_MARKER,), "merged model"),
+    "export": (frozenset({EXPORT_MARKER}), EXPORT_PATTERNS, (EXPORT_MARKER,), "serving adapter"),
+}
 
 ASIDE_INFIX = ".replaced-"  # `.NAME.replaced-PID`: the old folder while its replacement is written
 
@@ -70,18 +95,14 @@ def _matches(name: str, names: Iterable[str], patterns: Sequence[re.Pattern[str]
 
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:
-    """The top-level names in `folder` that a run directory (`kind` "run") or a merged model ("merge")
-    never holds: what the project did not write."""
-    if kind == "run":
-        names, patterns = RUN_NAMES, RUN_PATTERNS
-    else:
-        names, patterns = {MERGE_MARKER}, MERGE_PATTERNS
+    """The top-level names in `folder` that a run directory (`kind` "run"), a merged model ("merge") or an
+    exported adapter ("export") never holds: what the project did not write."""
+    names, patterns, _, _ = _KINDS[kind]
     return sorted(entry.name for entry in folder.iterdir() if not _matches(entry.name, names, patterns))
 
 
 def is_project_folder(folder: Path, kind: str) -> bool:
-    markers = RUN_MARKERS if kind == "run" else (MERGE_MARKER,)
-    return any((folder / marker).is_file() for marker in markers)
+    return any((folder / marker).is_file() for marker in _KINDS[kind][2])
 
 
 def _holds(folder: Path, path: Path) -> bool:
@@ -130,16 +151,16 @@ def check_output_path(path: Path, flag: str) -> None:
 
 def check_replaceable(path: Path, flag: str, kind: str, *, reads: Sequence[Path] = ()) -> None:
     """Exit 2 unless the existing folder `path` is one `--overwrite` may replace: this project's own
-    (`kind` "run" or "merge"), holding only what the project writes, and not a folder to keep whatever
-    it holds."""
+    (`kind` "run", "merge" or "export"), holding only what the project writes, and not a folder to keep
+    whatever it holds."""
     reason = never_replace_reason(path, reads)
     if reason is not None:
         raise OutputDirError(
             f"{flag}: {path} will not be replaced: {reason}. Nothing was changed; give another {flag}"
         )
-    what = "run directory" if kind == "run" else "merged model"
+    _, _, markers, what = _KINDS[kind]
     if not is_project_folder(path, kind):
-        marker = " or ".join(RUN_MARKERS) if kind == "run" else MERGE_MARKER
+        marker = " or ".join(markers)
         raise OutputDirError(
             f"{flag}: {path} is not a {what} written by moe-finetune (it has no {marker}), so --overwrite "
             f"will not delete it. Nothing was changed; give another {flag}, or remove the folder yourself"
