@@ -42,6 +42,11 @@ class MergeCheckError(MoeFinetuneError):
     exit_code = 1
 
 
+class ExportCheckError(MergeCheckError):
+    """The exported adapter does not reproduce the source's expert deltas, tensors or scalings (exit 1: a bug in
+    exporting, not in the user's input). The message gives the numbers; nothing was written."""
+
+
 class DatasetTooSmallError(MoeFinetuneError):
     """Fewer training examples than the threshold (exit 3). Raised before any model is loaded."""
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import MergeCheckError, OutputDirError, RecipeError
+from moe_finetune.errors import ExportCheckError, OutputDirError, RecipeError
 from moe_finetune.merge import ADAPTER_CONFIG, AdapterSource, resolve_source
 from moe_finetune.models.families import FamilySpec, family_for_config, strip_wrapper_names
 from moe_finetune.rundir import ADAPTER_DIR
@@ -61,11 +61,6 @@ FORMATS = ("per-expert", "fused")
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PEFT's prefix of every saved key
 FIXED_PEFT = (0, 19, 1)  # the first PEFT that saves non-transposed stacks as (E·r, in) / (out, r·E)
-
-
-class ExportCheckError(MergeCheckError):
-    """The exported adapter does not reproduce the source's expert deltas, tensors or scalings (exit 1: a bug in
-    exporting, not in the user's input). The message gives the numbers; nothing was written."""
 
 
 # ------------------------------------------------------------------------------------------------
