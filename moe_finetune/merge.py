@@ -46,10 +46,10 @@ from moe_finetune.errors import MergeCheckError, OutputDirError, RecipeError
 from moe_finetune.models.families import FamilySpec, family_for_model, find_routers
 from moe_finetune.models.loading import from_pretrained_kwargs, is_unreadable_model_error, resolve_model_path
 from moe_finetune.models.tiny import is_tiny_name
-from moe_finetune.recipe import read_yaml
 from moe_finetune.routing.capture import read_router_output
 from moe_finetune.rundir import ADAPTER_DIR, RESOLVED_RECIPE_FILE, adapter_problem, checkpoint_steps
 from moe_finetune.sections import LoraSection, ModelSection
+from moe_finetune.yamlread import read_yaml
 
 Echo = Callable[[str], None]
 

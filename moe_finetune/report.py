@@ -48,6 +48,7 @@ from moe_finetune.rundir import (
     read_jsonl,
     write_whole,
 )
+from moe_finetune.sections import TINY_PREFIX
 
 LOAD_SHARE_PLOT = "load_share.png"
 FINAL_LOAD_PLOT = "final_load.png"
@@ -219,7 +220,7 @@ def _read_mapping(path: Path, notes: list[str], *, yaml_file: bool) -> dict[str,
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
         if yaml_file:
-            from moe_finetune.recipe import read_yaml
+            from moe_finetune.yamlread import read_yaml
 
             data = read_yaml(text)
         else:
@@ -649,9 +650,7 @@ def model_card(run: RunData, verdict: Verdict) -> str:
         f"- **Report:** [`{REPORT_FILE}`]({REPORT_FILE})",
         "",
     ]
-    from moe_finetune.models.tiny import is_tiny_name
-
-    if run.has_adapter and is_tiny_name(str(model)):
+    if run.has_adapter and str(model).startswith(TINY_PREFIX):
         lines += [
             f"`{model}` is built locally by moe-finetune (no hub id): try the adapter with",
             "",

@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # The field's advice for MoE fine-tuning (DESIGN.md section 4): at least ~10,000 examples.
 DEFAULT_MIN_EXAMPLES = 10_000
+# `model.name: tiny-<family>`: a tiny model built locally (models/tiny.py), named so by the report too.
+TINY_PREFIX = "tiny-"
 
 # Keys that moved out of `guards:` into `monitor:` (they configure what is measured, not the guard).
 MOVED_TO_MONITOR = {"monitor": "enabled", "capacity_factor": "capacity_factor", "dead_threshold": "dead_threshold"}

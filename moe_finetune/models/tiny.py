@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_finetune.models.families import FamilySpec, get_family, tiny_config_kwargs
+from moe_finetune.sections import TINY_PREFIX
 
-TINY_PREFIX = "tiny-"
 # `tiny-<family>-trained`: the family pretrained on the Python stdlib (models/trained.py), not random.
 TRAINED_SUFFIX = "-trained"
 TOKENIZER_VOCAB_SIZE = 1024
