@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_finetune.errors import ExportCheckError, OutputDirError, RecipeError
+from moe_finetune.errors import ExportCheckError, RecipeError
 from moe_finetune.merge import ADAPTER_CONFIG, AdapterSource, resolve_source
 from moe_finetune.models.families import FamilySpec, family_for_config, strip_wrapper_names
 from moe_finetune.rundir import ADAPTER_DIR
@@ -658,25 +658,10 @@ def default_output(adapter_dir: Path, run_dir: Path | None, fmt: str) -> Path:
 
 
 def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse a link or a file as --output, a folder holding what is read, a non-empty one without --overwrite,
-    and, with it, any folder that is not an export of ours (outputs.py)."""
-    from moe_finetune.outputs import check_output_path, check_replaceable
+    """The export's --output rules (outputs.check_command_output)."""
+    from moe_finetune.outputs import check_command_output
 
-    check_output_path(output, "--output")
-    resolved = output.expanduser().resolve()
-    for path in protected:
-        inside = path.resolve()
-        if resolved == inside or resolved in inside.parents:
-            raise OutputDirError(
-                f"--output {output} would replace {path}, which this export reads: choose another folder"
-            )
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise OutputDirError(
-                f"--output {output} already exists and is not empty; pass --overwrite to replace it, or --output "
-                "to write elsewhere"
-            )
-        check_replaceable(output, "--output", "export", reads=protected)
+    check_command_output(output, overwrite, "export", protected, "export")
 
 
 def _tokenizer_files(adapter_dir: Path) -> list[Path]:

@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from moe_finetune.errors import MergeCheckError, OutputDirError, RecipeError
+from moe_finetune.errors import MergeCheckError, RecipeError
 from moe_finetune.models.families import FamilySpec, family_for_model, find_routers
 from moe_finetune.models.loading import from_pretrained_kwargs, is_unreadable_model_error, resolve_model_path
 from moe_finetune.models.tiny import is_tiny_name
@@ -567,25 +567,10 @@ def default_output(adapter_dir: Path, run_dir: Path | None) -> Path:
 
 
 def check_output(output: Path, overwrite: bool, protected: list[Path]) -> None:
-    """Refuse a link or a file as --output, a folder that holds what is being merged, a non-empty one
-    without --overwrite, and, with it, any folder that is not a merged model of ours (outputs.py)."""
-    from moe_finetune.outputs import check_output_path, check_replaceable
+    """The merge's --output rules (outputs.check_command_output)."""
+    from moe_finetune.outputs import check_command_output
 
-    check_output_path(output, "--output")
-    resolved = output.expanduser().resolve()
-    for path in protected:
-        inside = path.resolve()
-        if resolved == inside or resolved in inside.parents:
-            raise OutputDirError(
-                f"--output {output} would replace {path}, which this merge reads: choose another folder"
-            )
-    if output.is_dir() and any(output.iterdir()):
-        if not overwrite:
-            raise OutputDirError(
-                f"--output {output} already exists and is not empty; pass --overwrite to replace it, or --output "
-                "to write elsewhere"
-            )
-        check_replaceable(output, "--output", "merge", reads=protected)
+    check_command_output(output, overwrite, "merge", protected, "merge")
 
 
 def _save_weights_shard_by_shard(model: Any, folder: Path, max_shard_size: str | int) -> None:

@@ -221,3 +221,23 @@ def publish(staging: Path, output: Path) -> None:
             aside.rename(output)
         raise
     discard(aside)
+
+
+def check_command_output(output: Path, overwrite: bool, kind: str, reads: Sequence[Path], verb: str) -> None:
+    """`--output` of `merge` / `export` (`verb`): not a link or a file, not a folder holding what the command
+    reads, not a non-empty folder without --overwrite, and with it only a folder of this `kind` of ours."""
+    check_output_path(output, "--output")
+    resolved = output.expanduser().resolve()
+    for path in reads:
+        inside = Path(path).resolve()
+        if resolved == inside or resolved in inside.parents:
+            raise OutputDirError(
+                f"--output {output} would replace {path}, which this {verb} reads: choose another folder"
+            )
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputDirError(
+                f"--output {output} already exists and is not empty; pass --overwrite to replace it, or --output "
+                "to write elsewhere"
+            )
+        check_replaceable(output, "--output", kind, reads=reads)
