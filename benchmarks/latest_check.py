@@ -5,9 +5,9 @@
 
 A fresh machine resolves `pip install -e '.[dev]'` to whatever is newest that day, not to what CI tested;
 this is that machine, on purpose. It builds a venv in a temporary folder (nothing of yours is touched),
-installs torch at the lock's version first (an unpinned torch would pull a multi-GB CUDA build; `--torch`
-tries another), then the project with `--upgrade --upgrade-strategy eager` and no constraints, prints
-every package whose version differs from requirements-lock.txt, and runs `ruff check`, `pytest -q` and
+installs torch at the lock's version first and holds it there (an unpinned torch would pull a multi-GB CUDA
+build; `--torch` tries another version, `--newest-torch` lets it upgrade), then the project with
+`--upgrade --upgrade-strategy eager` and no other constraint, prints every package whose version differs from requirements-lock.txt, and runs `ruff check`, `pytest -q` and
 the two demos (collapse + its recovery, sharpening) at 1 and 2 threads. The demos are judged by their
 story, as tests/test_guard_integration.py does: the collapse demo cuts before it halts (exit 4) and its
 recovery from last-healthy at lr 1e-5 runs to the end; the sharpening demo cuts, settles and finishes.
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write-lock", action="store_true", help="write the new set into requirements-lock.txt")
     parser.add_argument("--torch", help="torch version to install first (default: the lock's)")
+    parser.add_argument(
+        "--newest-torch", action="store_true", help="let torch upgrade too (on this machine: 2.14.1, a CUDA build)"
+    )
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts for the demos")
     parser.add_argument("--no-tests", action="store_true", help="skip ruff and pytest (the demos still run)")
     parser.add_argument("--keep", action="store_true", help="keep the venv and the demo runs (path printed)")
@@ -122,10 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     passed = False
     try:
+        # torch stays where it was installed: an eager upgrade would otherwise take the newest torch the range
+        # allows, a multi-GB CUDA build (`--newest-torch` asks for exactly that)
+        hold = work / "torch.txt"
+        hold.write_text(f"torch=={torch}\n")
+        upgrade = [str(venv / "bin/pip"), "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-e", ".[dev]"]
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
             [str(venv / "bin/pip"), "install", "-q", f"torch=={torch}"],
-            [str(venv / "bin/pip"), "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-e", ".[dev]"],
+            upgrade if args.newest_torch else upgrade + ["-c", str(hold)],
         ]
         for step in steps:
             if sh(step) != 0:
