@@ -123,6 +123,12 @@ class RunData:
         return int(guards.get("baseline_steps") or DEFAULT_BASELINE_STEPS)
 
     @property
+    def start(self) -> Start:
+        """Each layer's start (`run_start`); only for a run with routing records."""
+        assert self.series is not None
+        return run_start(self.series, self.events, self.baseline_steps)
+
+    @property
     def guard(self) -> str:
         """ "on", "off" (the recipe's guards.enabled is false) or "unknown" (no recipe and no guard event)."""
         if self.recipe:
@@ -336,39 +342,111 @@ def _number(value: Any) -> float:
 
 
 def baseline(values: np.ndarray, steps: int) -> np.ndarray:
-    """Mean of the first `steps` logging steps, per column: the guard's baseline on a fresh start.   (T, L) -> (L,)"""
+    """Mean of the first `steps` logging steps, per column: the start of a run without a `baseline` event.
+    (T, L) -> (L,), (T, L, E) -> (L, E)"""
     head = values[: max(1, steps)]
     with np.errstate(invalid="ignore"), quiet_nan_warnings():
         return np.nanmean(head, axis=0)
 
 
-def balance_fall(series: RoutingSeries, baseline_steps: int) -> np.ndarray:
+@dataclass
+class Start:
+    """Each layer's routing at the start of a run: what the guard judged it against.
+
+    The guard's `baseline` event when it recorded one with its numbers (guard_events.jsonl: the probe batch
+    routed before the first update, or the routing profile of the base model, written at step 0; or the mean
+    of the first `guards.baseline_steps` windows, without a probe); else, for runs written before that
+    event or without a guard, the mean of the first `baseline_steps` logging steps. The windows' mean of a
+    collapse that begins inside them already holds it (the collapse demo's layer 1 read 0.78 "at the start"
+    against a true 0.98), which is why the recorded baseline comes first.
+    """
+
+    entropy: np.ndarray  # (L,) routing entropy per layer
+    balance: np.ndarray  # (L,) balance per layer
+    load_ratio: np.ndarray  # (L, E) each expert's load share x E
+    words: str  # what the start is, for the report's sentences
+    before_training: bool  # measured before the first update (drawn at step 0)
+
+    @classmethod
+    def of_windows(cls, series: RoutingSeries, steps: int, words: str | None = None) -> Start:
+        n = max(1, steps)
+        return cls(
+            entropy=baseline(series.entropy, n),
+            balance=baseline(series.balance, n),
+            load_ratio=baseline(series.load_ratio, n),
+            words=words or f"the mean of the first {n} logging step{'s' * (n != 1)}",
+            before_training=False,
+        )
+
+
+_START_WORDS = {
+    "probe": "the routing of the probe batch before the first update (the guard's baseline)",
+    "profile": "the routing profile of the base model, before any update (the guard's baseline)",
+}
+
+
+def run_start(series: RoutingSeries, events: Sequence[dict[str, Any]], baseline_steps: int) -> Start:
+    """Each layer's start (`Start`): the guard's recorded baseline, else the first logging steps' mean."""
+    layers, experts = series.num_layers, series.num_experts
+    windows = Start.of_windows(series, baseline_steps)
+    for event in events:
+        details = event.get("details")
+        if event.get("action") != "baseline" or not isinstance(details, dict):
+            continue
+        entropy = _layer_values(details.get("layer_entropy"), layers)
+        if entropy is None:
+            continue
+        balance = _layer_values(details.get("layer_balance"), layers)
+        load = details.get("load_share")
+        rows = [_layer_values(row, experts) for row in load] if isinstance(load, list) and len(load) == layers else []
+        load_ratio = np.array(rows) * experts if rows and all(r is not None for r in rows) else windows.load_ratio
+        source = details.get("source")
+        words = _START_WORDS.get(source) or (
+            f"the mean of the first {baseline_steps} logging steps (the guard's baseline, with no probe batch)"
+        )
+        return Start(
+            entropy=entropy,
+            balance=balance if balance is not None else windows.balance,
+            load_ratio=load_ratio,
+            words=words,
+            before_training=source in _START_WORDS and event.get("step") == 0,
+        )
+    return windows
+
+
+def _layer_values(values: Any, count: int) -> np.ndarray | None:
+    """A JSON list of `count` numbers (null = nan) as an array, else None."""
+    if not isinstance(values, list) or len(values) != count:
+        return None
+    return np.array([_number(v) for v in values], dtype=float)
+
+
+def balance_fall(series: RoutingSeries, start: Start) -> np.ndarray:
     """Largest fall of each layer's balance below its own start, as a fraction of the start.   (L,)
 
     The guard's view of collapse (a layer's balance 30% below its baseline halts): a layer whose load
     was concentrated from the start (narrow-domain data) does not rank as collapsing unless it gets worse.
     """
-    start = baseline(series.balance, baseline_steps)
     with np.errstate(invalid="ignore", divide="ignore"), quiet_nan_warnings():
         lowest = np.nanmin(series.balance, axis=0)
-        fall = (start - lowest) / start
+        fall = (start.balance - lowest) / start.balance
     return np.where(np.isfinite(fall), fall, -np.inf)
 
 
-def layers_to_show(series: RoutingSeries, baseline_steps: int, limit: int = MAX_LAYER_PANELS) -> list[int]:
+def layers_to_show(series: RoutingSeries, start: Start, limit: int = MAX_LAYER_PANELS) -> list[int]:
     """All layers in model order when they fit; else the `limit` whose balance fell most, worst first."""
     if series.num_layers <= limit:
         return list(range(series.num_layers))
-    fall = balance_fall(series, baseline_steps)
+    fall = balance_fall(series, start)
     with quiet_nan_warnings():
         peak = np.nan_to_num(np.nanmax(series.load_ratio[-1], axis=-1), nan=-np.inf)
     order = sorted(range(series.num_layers), key=lambda i: (-fall[i], -peak[i], i))
     return order[:limit]
 
 
-def worst_first(series: RoutingSeries, baseline_steps: int) -> list[int]:
+def worst_first(series: RoutingSeries, start: Start) -> list[int]:
     """Every layer, the one whose balance fell most first (the per-layer table's order)."""
-    fall = balance_fall(series, baseline_steps)
+    fall = balance_fall(series, start)
     return sorted(range(series.num_layers), key=lambda i: (-fall[i], i))
 
 
@@ -572,7 +650,7 @@ def _cut_words(cuts: Sequence[dict[str, Any]]) -> str:
 def verdict_of(run: RunData) -> Verdict:
     worst = None
     if run.series is not None:
-        fall = balance_fall(run.series, run.baseline_steps)
+        fall = balance_fall(run.series, run.start)
         layer = int(np.argmax(fall))
         if np.isfinite(fall[layer]):
             worst = (run.series.layer_names[layer], float(fall[layer]))
@@ -687,12 +765,11 @@ def write_report(run_dir: str | Path, compare: str | Path | None = None) -> Repo
     figures: dict[str, Any] = {}
     series = run.series
     if series is not None:
-        layers = layers_to_show(series, run.baseline_steps)
-        figures[LOAD_SHARE_PLOT] = plots.load_share_figure(series, layers, marks, run.baseline_steps)
-        figures[FINAL_LOAD_PLOT] = plots.final_load_figure(
-            series, layers, run.baseline_steps, _dead_line(run)
-        )
-        figures[ENTROPY_PLOT] = plots.entropy_figure(series, marks, run.baseline_steps, run.halt_balance_drop)
+        start = run.start
+        layers = layers_to_show(series, start)
+        figures[LOAD_SHARE_PLOT] = plots.load_share_figure(series, layers, marks, start)
+        figures[FINAL_LOAD_PLOT] = plots.final_load_figure(series, layers, start, _dead_line(run))
+        figures[ENTROPY_PLOT] = plots.entropy_figure(series, marks, start, run.halt_balance_drop)
     steps, lr, loss = _lr_and_loss(run)
     if len(steps):
         checks = [(r["step"], _number(r.get("loss"))) for r in run.retention]
@@ -946,10 +1023,18 @@ def _halt_section(run: RunData, verdict: Verdict) -> list[str]:
             "first check, unless `guards.retention.halt_rise` is raised."
         )
     else:
+        if earlier is None:
+            lines += [
+                "No healthy checkpoint was saved before the guard first acted (its first action came before a save "
+                "it could keep): start again at a lower learning rate, saving at least as often as the run logs "
+                "(`training.save_steps`).",
+                "",
+            ]
         lines.append(
-            "Resuming from the halt checkpoint itself (`--resume` alone) re-measures the guard's baseline, but "
-            "starts from the collapsed routers: the guard's absolute limits (expert load, dead experts) may stop it "
-            "again."
+            "Resuming from the halt checkpoint itself (`--resume` alone) starts from the collapsed routers, judged "
+            "against the same baseline of the run's start (only the cut budgets and the cooldown start over): a "
+            "limit its routing is still past (balance, expert load, routing-entropy level) halts it again at its "
+            "first logging window, dead experts after `guards.dead_patience` checks."
         )
     return lines
 
@@ -964,20 +1049,19 @@ def _layer_table(run: RunData, verdict: Verdict) -> list[str]:
         else len(series.steps) - 1
     )
     step = int(series.steps[at])
-    entropy_start = baseline(series.entropy, run.baseline_steps)
-    balance_start = baseline(series.balance, run.baseline_steps)
+    start = run.start
+    entropy_start, balance_start = start.entropy, start.balance
     ratio = series.load_ratio[at]
     lines = [
         f"## Routing by layer at step {step}" + (" (the halt)" if verdict.kind == "halted" else ""),
         "",
-        f"Start = the mean of the first {run.baseline_steps} logging steps (the guard's baseline on a fresh start); "
-        "layers whose balance fell most first.",
+        f"Start = {start.words}; layers whose balance fell most first.",
         "",
         "| layer | routing entropy: start -> now | balance: start -> now | balance change "
         "| busiest expert (x uniform) | dead experts | over capacity |",
         "|---|---|---|---|---|---|---|",
     ]
-    for layer in worst_first(series, run.baseline_steps):
+    for layer in worst_first(series, start):
         start, now = balance_start[layer], series.balance[at, layer]
         change = (now - start) / start if np.isfinite(start) and start > 0 and np.isfinite(now) else math.nan
         busiest = int(np.nanargmax(ratio[layer])) if np.isfinite(ratio[layer]).any() else None

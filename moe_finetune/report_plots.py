@@ -29,7 +29,7 @@ from moe_finetune.report import (
     MAX_LAYER_PANELS,
     RoutingSeries,
     RunData,
-    baseline,
+    Start,
     format_value,
     quiet_nan_warnings,
     run_status,
@@ -200,13 +200,18 @@ def _layer_number(name: str, index: int) -> int:
     return int(found.group(1)) if found else index
 
 
-def _layer_title(series: RoutingSeries, layer: int, baseline_steps: int) -> str:
-    start = baseline(series.balance, baseline_steps)[layer]
+def _start_of(series: RoutingSeries, start: Start | None) -> Start:
+    """The start given, or (a figure drawn without one) the mean of the guard's default baseline windows."""
+    return start if start is not None else Start.of_windows(series, DEFAULT_BASELINE_STEPS)
+
+
+def _layer_title(series: RoutingSeries, layer: int, start: Start) -> str:
+    begin = start.balance[layer]
     end = series.balance[-1, layer]
     ratio = series.load_ratio[-1, layer]
     busiest = int(np.nanargmax(ratio)) if np.isfinite(ratio).any() else None
     peak = f", top: expert {busiest} at {ratio[busiest]:.1f}x" if busiest is not None else ""
-    balance = f"{format_value(start, '.2f')} \u2192 {format_value(end, '.2f')}"
+    balance = f"{format_value(begin, '.2f')} \u2192 {format_value(end, '.2f')}"
     return f"{_short(series.layer_names[layer])}: balance {balance}{peak}"
 
 
@@ -236,7 +241,7 @@ def load_share_figure(
     series: RoutingSeries,
     layers: list[int],
     marks: dict[str, list[int]],
-    baseline_steps: int = DEFAULT_BASELINE_STEPS,
+    start: Start | None = None,
 ) -> Any:
     """Heatmap per layer: expert (rows) x logging step (columns), load share x E on a scale centred on uniform.
 
@@ -244,6 +249,7 @@ def load_share_figure(
     panel shares one colour scale, so layers compare directly. Collapse is a row turning red while the
     others turn blue.
     """
+    start = _start_of(series, start)
     fig, panels = _grid(len(layers), 2.1, colorbar=True, legend=any(marks.values()))
     ratio = series.load_ratio
     cmap, norm, top = _load_scale(series, layers)
@@ -264,7 +270,7 @@ def load_share_figure(
         if experts <= 16:
             ax.set_yticks(range(experts))
         ax.set_ylabel("expert")
-        ax.set_title(_layer_title(series, layer, baseline_steps), fontsize=9, loc="left")
+        ax.set_title(_layer_title(series, layer, start), fontsize=9, loc="left")
     for ax in panels[-(2 if len(panels) > 3 else 1) :]:
         ax.set_xlabel("step")
     _colorbar(
@@ -278,7 +284,7 @@ def load_share_figure(
 def final_load_figure(
     series: RoutingSeries,
     layers: list[int],
-    baseline_steps: int = DEFAULT_BASELINE_STEPS,
+    start_of_run: Start | None = None,
     dead_line: float = 0.1,
 ) -> Any:
     """Bars per layer: each expert's load x E at the last logging step, busiest first, against uniform (1x).
@@ -289,10 +295,10 @@ def final_load_figure(
     """
     from matplotlib.collections import PolyCollection
 
+    begin = _start_of(series, start_of_run)
     fig, panels = _grid(len(layers), 1.9, legend=True)
     ratio = series.load_ratio
-    with quiet_nan_warnings():
-        start = np.nanmean(ratio[: max(1, baseline_steps)], axis=0)  # (L, E)
+    start = begin.load_ratio  # (L, E)
     cmap, norm, _top = _load_scale(series, layers)
     experts = series.num_experts
     x = np.arange(experts)
@@ -339,7 +345,7 @@ def final_load_figure(
             busiest = ", ".join(str(e) for e in order[:3])
             ax.set_xlabel(f"{experts} experts, busiest first (busiest: {busiest})", fontsize=9)
         ax.set_ylabel("load x E")
-        ax.set_title(_layer_title(series, layer, baseline_steps), fontsize=9, loc="left")
+        ax.set_title(_layer_title(series, layer, begin), fontsize=9, loc="left")
     from matplotlib.lines import Line2D
 
     key = [
@@ -367,27 +373,29 @@ def final_load_figure(
 def entropy_figure(
     series: RoutingSeries,
     marks: dict[str, list[int]],
-    baseline_steps: int = DEFAULT_BASELINE_STEPS,
+    start: Start | None = None,
     halt_balance_drop: float | None = None,
 ) -> Any:
     """Both entropies the guard watches, per layer, over steps, with its cuts and halt marked.
 
     Routing entropy (per token) falls when routers get confident, which healthy specialisation also does;
     balance (of the load share) falls when the load concentrates on few experts, which is collapse. Up to
-    MAX_LAYER_PANELS layers: a line each, and a dotted line at each layer's start (with up to 4 layers, a
-    dashed one where the guard halts on balance, `halt_balance_drop` below it); beyond: a layer x step
-    heatmap per entropy, every layer visible.
+    MAX_LAYER_PANELS layers: a line each, and a dotted line at each layer's start, the guard's baseline
+    (measured before the first update, it is also a point at step 0; with up to 4 layers, a dashed line
+    where the guard halts on balance, `halt_balance_drop` below it); beyond: a layer x step heatmap per
+    entropy, every layer visible.
     """
+    start = _start_of(series, start)
     lines = series.num_layers <= MAX_LAYER_PANELS
     fig, axes = _panels(2, 1, 2.6, colorbar=not lines, legend=True, sharex=lines)
     panels = [
-        (axes[0], series.entropy, "routing entropy (per token, normalised)"),
-        (axes[1], series.balance, "balance (entropy of the load share)"),
+        (axes[0], series.entropy, start.entropy, "routing entropy (per token, normalised)"),
+        (axes[1], series.balance, start.balance, "balance (entropy of the load share)"),
     ]
     halt_line = halt_balance_drop is not None and series.num_layers <= 4
     if lines:
         handles = []
-        for ax, values, label in panels:
+        for ax, values, begin, label in panels:
             handles = []
             for layer in range(series.num_layers):
                 (line,) = ax.plot(
@@ -399,9 +407,11 @@ def entropy_figure(
                     label=_short(series.layer_names[layer]),
                 )
                 handles.append(line)
-            for layer, value in enumerate(baseline(values, baseline_steps)):
+            for layer, value in enumerate(begin):
                 if np.isfinite(value):
                     ax.axhline(value, color=f"C{layer}", linewidth=0.8, linestyle=(0, (1, 3)))
+                    if start.before_training:
+                        ax.plot([0], [value], marker="o", fillstyle="none", color=f"C{layer}", linestyle="")
                     if values is series.balance and halt_line:
                         ax.axhline(
                             value * (1 - halt_balance_drop), color=f"C{layer}", linewidth=0.8, linestyle="--"
@@ -409,11 +419,18 @@ def entropy_figure(
             _mark(ax, marks)
             ax.set_title(label, fontsize=9, loc="left")
             ax.grid(alpha=0.3)
+        if start.before_training:
+            from matplotlib.lines import Line2D
+
+            handles = [
+                *handles,
+                Line2D([], [], color="grey", marker="o", fillstyle="none", linestyle="", label="start (before step 1)"),
+            ]
         _legend_for_marks(fig, marks, handles)
         title = "Routing entropy and balance per layer (dotted: each layer's start, the guard's baseline"
         title += f"; dashed: its balance halt, {halt_balance_drop:.0%} below)" if halt_line else ")"
     else:
-        for ax, values, label in panels:
+        for ax, values, _begin, label in panels:
             # each entropy on its own range (balance lives near 1, routing entropy lower): a drop must show
             with quiet_nan_warnings():
                 low, high = np.nanmin(values), np.nanmax(values)
@@ -436,7 +453,7 @@ def entropy_figure(
             ax.set_title(label + " (dark = low)", fontsize=9, loc="left")
             _colorbar(fig, image, "normalised entropy", axes=[ax])
         _legend_for_marks(fig, marks)
-        worst = ", ".join(_short(series.layer_names[i]) for i in worst_first(series, baseline_steps)[:3])
+        worst = ", ".join(_short(series.layer_names[i]) for i in worst_first(series, start)[:3])
         title = f"Routing entropy and balance of all {series.num_layers} layers (balance fell most: {worst})"
     axes[1].set_xlabel("step")
     _title(fig, title)

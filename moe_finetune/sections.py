@@ -274,7 +274,8 @@ class RetentionConfig(Section):
         gt=0,
         lt=1,
         description="Cut the learning rate (by guards.cut_factor) when the retention loss has risen this "
-        "fraction above where it stood before the first update or at the last retention cut (0.0075 = 0.75%).",
+        "fraction above its reference (0.0075 = 0.75%): where it stood before the first update, or at the last "
+        "cut that answered a rise (a retention cut, or a routing cut made at the check that saw the rise).",
     )
     max_cuts: int = Field(
         4, ge=0, description="Most learning-rate cuts the retention check makes (its own budget)."
@@ -368,7 +369,9 @@ class GuardConfig(Section):
     cooldown: int = Field(
         2,
         ge=0,
-        description="Logging windows after a cut during which no further cut is made (hard halts still apply).",
+        description="Logging windows after any cut of the guard (a routing cut or a retention cut) in which "
+        "neither check cuts again and the halt for a drop that continues after the last cut waits; the other "
+        "halts (levels, load, dead experts, balance, retention.halt_rise, non-finite output) still apply.",
     )
     max_cuts: int = Field(
         3,
@@ -393,6 +396,15 @@ class GuardConfig(Section):
         gt=0,
         lt=1,
         description="Halt when any layer's routing entropy falls this fraction below that layer's own baseline.",
+    )
+    min_baseline_entropy: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Relative falls of routing entropy (cut_drop, cut_layer_drop, halt_drop, halt_layer_drop, "
+        "continue_drop) are judged only where the baseline, pooled or the layer's own, is at least this "
+        "normalised entropy (0..1): a router near-deterministic at the start (entropy ~0.02) moves by half of "
+        "it on a wobble. Balance, expert load, dead experts and entropy_floor still judge such a layer.",
     )
     entropy_floor: float | None = Field(
         None,

@@ -683,7 +683,13 @@ def end_of_run(
                 f"({lower} --overwrite --set {rate}), or raise guards.retention.halt_rise"
             )
         else:
-            go_on = f"To go on at a tenth of the rate it halted at (at most 1e-5): {lower} --resume --set {rate}"
+            # the halt checkpoint is judged against the same start when resumed: still collapsed, it halts again
+            go_on = (
+                "No healthy checkpoint was saved before the guard first acted (its first action came before a save "
+                f"it could keep): start again at a tenth of the rate (at most 1e-5) ({lower} --overwrite --set "
+                f"{rate}), saving at least as often as it logs (training.save_steps); resumed with --resume, the "
+                "halt checkpoint is judged against the same start and halts again unless its routing has recovered"
+            )
         raise TrainingHalted(
             f"training halted by {who} at step {guard.halt_step}: {guard.halted.reason}. Checkpoint: "
             f"{output_dir / f'checkpoint-{guard.halt_step}'}; report: {output_dir / REPORT_FILE}; "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bitsandbytes as bnb  # a hard dependency: a missing one fails here, never skips the 4-bit suite
 import pytest
 import torch
 import transformers
@@ -30,7 +31,6 @@ from moe_finetune.models.quant4 import (
 from moe_finetune.models.tiny import build_tiny
 from moe_finetune.sections import LoraSection, ModelSection, QuantizationSection
 
-bnb = pytest.importorskip("bitsandbytes")
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "gpt_oss"]
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from moe_finetune.cli import main
+from moe_finetune.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,6 @@ def _window_of(run: Path, step: int) -> dict:
 
 def _healthy_by_the_guards_measure(run: Path, step: int, recipe: Path) -> bool:
     """Whether the window a checkpoint at `step` was saved in sits above every cut line of the guard."""
-    from moe_finetune.recipe import load_recipe
 
     guards = load_recipe(recipe).guards
     baseline = next(e for e in _events(run) if e["action"] == "baseline")["details"]
@@ -144,6 +144,57 @@ def test_recovery_from_the_checkpoint_before_trouble_at_a_lower_rate_runs_to_the
     assert resumed[0]["action"] == "resume_lr" and resumed[0]["lr_after"] == pytest.approx(float(rate))
     assert all(e["action"] not in ("halt", "baseline") for e in resumed)  # the start's baseline, kept
     assert (run / "adapter" / "adapter_config.json").is_file()
+
+
+def test_resuming_the_halt_checkpoint_itself_is_judged_against_the_healthy_start_and_halts_again(
+    halted_demo: tuple[Path, int, str, str], tmp_path: Path
+) -> None:
+    """`--resume` alone after the collapse halt: a fresh episode (cuts, cooldown start over) judged against the
+    baseline measured before the first update, not against the collapsed routing it resumes from, so a limit
+    it is still past stops it again at its first logging window (re-measured there, the load limit would be
+    1.5x the collapsed share, above what top-2 routing can reach, and the balance line 30% below collapse)."""
+    run = _copy(halted_demo, tmp_path)
+    baseline = next(e for e in _events(run) if e["action"] == "baseline")["details"]
+    halt_step = _events(run)[-1]["step"]
+    code, out, err = _train(str(COLLAPSE), "--output-dir", str(run), "--resume", str(run / f"checkpoint-{halt_step}"))
+    assert code == 4, out[-3000:] + err[-3000:]
+    resumed = [e for e in _events(run) if e["step"] >= halt_step][1:]  # after the original halt
+    assert [e["action"] for e in resumed] == ["resume_after_halt", "halt"]
+    assert "judged against the baseline of the run's start" in resumed[0]["reason"]
+    again = resumed[-1]
+    assert again["step"] == halt_step + 5  # its first logging window
+    assert again["baseline"]["layer_entropy"] == pytest.approx(baseline["layer_entropy"])
+    details = again["details"]
+    if details["check"] == "load_ratio":  # the limit of the start: max(max_load_ratio, 1.5x its largest share)
+        guards = load_recipe(COLLAPSE).guards
+        for expert in details["experts"]:
+            start_max = baseline["layer_load_max"][expert["layer"]]
+            assert expert["limit_ratio"] == pytest.approx(max(guards.max_load_ratio, 1.5 * start_max))
+    else:
+        assert details["check"] == "balance_drop"
+        faulty = details["layers"][0]
+        assert faulty["baseline"] == pytest.approx(baseline["layer_balance"][faulty["layer"]])
+    assert again["cuts_made"] == 0  # a new episode's budget, and no cut tried on a level reached before
+
+
+def test_a_halt_before_any_save_keeps_nothing_and_says_to_start_again_at_a_lower_rate(tmp_path: Path) -> None:
+    """The collapse demo saving only every 1000 steps: the guard acts before any checkpoint it could keep, so
+    last-healthy/ stays empty (never the troubled weights), the halt still saves its own checkpoint, and the
+    message and the report say to start over at a lower rate rather than name a healthy point."""
+    run = tmp_path / "run"
+    code, out, err = _train(str(COLLAPSE), "--output-dir", str(run), "--set", "training.save_steps=1000")
+    assert code == 4, out[-3000:] + err[-3000:]
+    halt = _events(run)[-1]
+    assert halt["action"] == "halt" and (run / f"checkpoint-{halt['step']}").is_dir()
+    assert not list((run / "last-healthy").glob("checkpoint-*"))
+    assert "No healthy checkpoint was saved before the guard first acted" in err
+    printed = re.search(r"--overwrite --set training\.learning_rate=([0-9.e+-]+)", err)
+    assert printed is not None and float(printed.group(1)) <= 1e-5, err[-2000:]
+    report = (run / "report.md").read_text()
+    assert report.splitlines()[0].endswith(
+        "No checkpoint was saved before the guard first acted: start again at a lower learning rate."
+    )
+    assert "No healthy checkpoint was saved before the guard first acted" in report
 
 
 def test_sharpening_without_collapse_is_cut_then_settles_and_runs_to_the_end(

@@ -141,3 +141,80 @@ def test_both_ranks_take_the_same_retention_decisions(tmp_path: Path) -> None:
     checks = [json.loads(line) for line in (tmp_path / "run" / "retention.jsonl").read_text().splitlines()]
     assert checks[0]["step"] == 0 and len({c["step"] for c in checks}) == len(checks)  # one line per check
     assert checks[-1]["step"] == ranks[0]["retention"]["retention_last_step"]
+
+
+_PROBE_FAILS_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, warnings
+    warnings.filterwarnings("ignore")
+    sys.path.insert(0, sys.argv[3])
+    import test_monitor as helpers
+    import moe_finetune.callbacks.monitor as monitor_module
+    from moe_finetune.callbacks import EntropyGuard, RoutingMonitor, attach
+
+    model_dir, out_dir, fail_at = sys.argv[1], sys.argv[2], int(sys.argv[4])
+    rank = int(os.environ["RANK"])
+    routed, calls = monitor_module.probe_routing, [0]
+
+    def probe_routing(*args, **kwargs):
+        # the drift probe's forward fails on rank 1 only, at its `fail_at`-th call (1: at train begin)
+        calls[0] += 1
+        if rank == 1 and calls[0] == fail_at:
+            raise RuntimeError("probe forward failed on this rank only")
+        return routed(*args, **kwargs)
+
+    monitor_module.probe_routing = probe_routing
+    trainer = helpers.make_trainer(model_dir, os.path.join(out_dir, "run"), use_cpu=True, logging_steps=2, max_steps=6)
+    monitor, guard = RoutingMonitor(drift_steps=2), EntropyGuard(echo=None)
+    attach(trainer, monitor, guard)
+    trainer.train()
+    result = {
+        "world": trainer.args.world_size,
+        "probe_calls": calls[0],
+        "baseline_from_probe": monitor.begin_metrics is not None,
+        "drift": [record["drift"] for record in monitor.history],
+        "events": [{k: e[k] for k in ("step", "action", "reason")} for e in guard.events],
+        "baseline": guard.policy.state.baseline,
+        "steps": trainer.state.global_step,
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+        json.dump(result, handle)
+    """
+)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2], ids=["at_train_begin", "at_a_drift_check"])
+def test_a_drift_probe_failing_on_one_rank_only_is_the_same_decision_on_every_rank(
+    tmp_path: Path, tiny_mixtral_dir: Path, fail_at: int
+) -> None:
+    """The probe's forward raises on rank 1 alone: every rank still joins every collective (the failure is
+    counted in the one that reduces the probe), turns drift off together and judges from the same baseline."""
+    script = tmp_path / "ranks.py"
+    script.write_text(_PROBE_FAILS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tiny_mixtral_dir),
+        str(tmp_path),
+        str(Path(__file__).parent),
+        str(fail_at),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 6
+    assert ranks[0]["events"] == ranks[1]["events"] and ranks[0]["baseline"] == ranks[1]["baseline"]
+    assert ranks[0]["drift"] == ranks[1]["drift"] and ranks[0]["probe_calls"] == ranks[1]["probe_calls"]
+    if fail_at == 1:  # no probe anywhere: the baseline is the first windows' mean on both ranks
+        assert not ranks[0]["baseline_from_probe"] and not ranks[1]["baseline_from_probe"]
+        assert ranks[0]["drift"] == [None, None, None]
+        assert "no probe batch" in ranks[0]["events"][0]["reason"]
+    else:  # measured at train begin on both, then off on both from the first drift check
+        assert ranks[0]["baseline_from_probe"] and ranks[1]["baseline_from_probe"]
+        assert ranks[0]["drift"] == [None, None, None] and ranks[0]["probe_calls"] == 2

@@ -314,7 +314,7 @@ def test_a_quarter_of_a_layers_experts_dead_for_three_consecutive_checks_halts()
     # the load concentrating on the other six drops the layer's balance 12% at once: a cut first
     assert kinds(actions) == ["cut_lr", "none", "halt"]
     assert "layer 1 balance 0.88 is 12% below its baseline 1.00 (cut threshold 10%)" in actions[0].reason
-    assert "layer 1 has had 2 of 8 experts (alive at the baseline) dead" in actions[-1].reason
+    assert "layer 1 has had 2 of the 8 experts alive at the baseline dead" in actions[-1].reason
     assert "for 3 consecutive checks" in actions[-1].reason
     assert actions[-1].details["layers"][0]["dead_experts"] == [0, 1]
 
@@ -515,7 +515,8 @@ def test_a_halt_resumed_from_keeps_the_cuts_already_in_the_learning_rate():
     policy = GuardPolicy(GuardConfig())
     drive(policy, [0.8, 0.8, 0.8, 0.68])
     policy.restart_episode()
-    assert policy.multiplier == 0.5 and policy.cuts_made == 0 and policy.baseline is None
+    assert policy.multiplier == 0.5 and policy.cuts_made == 0 and policy.state.cooldown_left == 0
+    assert policy.baseline == pytest.approx(0.8)  # judged against the start, not re-measured
 
 
 def test_a_collapse_inside_the_first_windows_is_cut_then_halted_against_the_start_not_averaged_away():
@@ -565,3 +566,77 @@ def test_with_no_healthy_checkpoint_saved_nothing_is_kept_and_the_state_round_tr
     restored = HealthyCheckpoints.from_state_dict(json.loads(json.dumps(saves.state_dict())))
     assert restored == saves and restored.unjudged == [12]
     assert HealthyCheckpoints.from_state_dict(None) == HealthyCheckpoints()  # a checkpoint written before it
+
+
+# ---------------------------------------------------------------- one cooldown, a resumed halt, the floor
+
+
+def test_cooldown_also_holds_back_the_continues_halt_after_the_last_cut():
+    policy = GuardPolicy(GuardConfig(max_cuts=1))
+    actions = drive(policy, [0.8, 0.8, 0.8, 0.68, 0.60, 0.60, 0.60])
+    # cut at 4; 5 and 6 are its cooldown (0.60 is 12% below the cut's 0.68, past continue_drop); then it halts
+    assert kinds(actions[3:]) == ["cut_lr", "none", "none", "halt"]
+    assert [a.details["check"] for a in actions[4:6]] == ["cooldown", "cooldown"]
+    assert actions[-1].details["check"] == "after_last_cut"
+    assert "continues after the last cut" in GuardConfig.model_fields["cooldown"].description
+    assert "retention cut" in GuardConfig.model_fields["cooldown"].description
+
+
+def _resumable_collapse() -> tuple[GuardPolicy, list[list[float]]]:
+    """A policy whose start was uniform routing, halted at step 15 on layer 1's load concentrating, and
+    restored from that halt's checkpoint as a resumed run would be."""
+    collapsed = [list(UNIFORM), [0.37, 0.37, 0.21] + [0.01] * 5]  # balance 0.62, 38% down; 5 experts starving
+    policy = GuardPolicy(GuardConfig())
+    policy.set_baseline(0.8, [0.8, 0.8], [list(UNIFORM), list(UNIFORM)])
+    assert policy.update(snap(15, 0.8, load=collapsed), LR0).kind == "halt"
+    resumed = GuardPolicy(GuardConfig())
+    resumed.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    resumed.restart_episode()
+    return resumed, collapsed
+
+
+def test_a_resumed_halt_is_judged_against_the_healthy_start_not_the_collapsed_routing():
+    resumed, collapsed = _resumable_collapse()
+    state = resumed.state
+    assert state.baseline == pytest.approx(0.8) and state.layer_balance_baseline == pytest.approx([1.0, 1.0])
+    assert state.baseline_top_share == pytest.approx([1 / EXPERTS, 1 / EXPERTS])
+    assert state.alive_at_baseline == [[True] * EXPERTS, [True] * EXPERTS]
+    # still collapsed at the resumed run's first window: the same limit stops it again, against the start
+    again = resumed.update(snap(20, 0.8, load=collapsed), LR0)
+    assert again.kind == "halt" and again.details["check"] == "balance_drop"
+    assert "baseline 1.00" in again.reason
+
+
+def test_a_resumed_halt_starts_its_cuts_and_cooldown_over_and_a_level_below_the_cut_line_is_not_a_sharp_drop():
+    resumed, _ = _resumable_collapse()
+    assert resumed.cuts_made == 0 and resumed.state.cooldown_left == 0 and resumed.state.dead_streaks == []
+    recovering = [list(UNIFORM), [0.25, 0.25, 0.2] + [0.06] * 5]  # balance 0.89: past the cut line, not sharp
+    assert resumed.update(snap(20, 0.8, load=recovering), LR0).details["check"] == "holding"
+    falling = [list(UNIFORM), [0.3, 0.3, 0.25] + [0.03] * 5]  # balance 0.77: 14% down from 0.89 within the window
+    assert resumed.update(snap(25, 0.8, load=falling), LR0).kind == "cut_lr"
+
+
+def test_dead_experts_are_a_fraction_of_those_alive_at_the_baseline():
+    config = GuardConfig(cut_balance_drop=0.5, halt_balance_drop=0.9)  # dead experts alone decide here
+    half_unused = with_dead_experts(4)  # 4 of 8 unused from the start: narrow data
+    one_more = [0.005] * 5 + [(1 - 5 * 0.005) / 3] * 3  # one of the 4 alive dies: a quarter of them
+    policy = GuardPolicy(config)
+    policy.set_baseline(0.8, [0.8, 0.8], [list(UNIFORM), half_unused])
+    actions = [policy.update(snap(step, 0.8, load=[list(UNIFORM), one_more]), LR0) for step in (5, 10, 15)]
+    assert kinds(actions) == ["none", "none", "halt"] and actions[-1].details["check"] == "dead_experts"
+    assert actions[-1].details["layers"][0]["alive_at_baseline"] == 4
+    assert "1 of the 4 of 8 experts alive at the baseline dead" in actions[-1].reason
+
+
+def test_a_near_deterministic_router_is_not_cut_or_halted_on_a_relative_wobble():
+    policy = GuardPolicy(GuardConfig())  # min_baseline_entropy 0.05
+    policy.set_baseline(0.4, [0.78, 0.024])
+    wobble = policy.update(snap(5, 0.395, layers=[0.78, 0.01]), LR0)  # layer 1: 58% below its 0.024
+    assert wobble.kind == "none" and wobble.details["check"] == "healthy"
+    # a layer above the floor is judged as before
+    falling = policy.update(snap(10, 0.2, layers=[0.35, 0.024]), LR0)
+    assert falling.kind == "halt" and "layer 0 routing entropy 0.35" in falling.reason
+    # and a floor of 0 judges the wobble too
+    strict = GuardPolicy(GuardConfig(min_baseline_entropy=0.0))
+    strict.set_baseline(0.4, [0.78, 0.024])
+    assert strict.update(snap(5, 0.395, layers=[0.78, 0.01]), LR0).kind == "halt"

@@ -16,7 +16,7 @@ import torch
 from pydantic import ValidationError
 
 from moe_finetune.errors import DataError
-from moe_finetune.routing.policy import GuardPolicy
+from moe_finetune.routing.policy import GuardPolicy, RoutingSnapshot
 from moe_finetune.sections import DataSection, GuardConfig, RetentionConfig
 
 LR0 = 1e-4
@@ -33,8 +33,8 @@ def kinds(actions) -> list[str]:
     return [a.kind for a in actions]
 
 
-def retention_policy(**fields) -> GuardPolicy:
-    return GuardPolicy(GuardConfig(retention=RetentionConfig(data="keep.jsonl", **fields)))
+def retention_policy(cooldown: int = 2, **fields) -> GuardPolicy:
+    return GuardPolicy(GuardConfig(cooldown=cooldown, retention=RetentionConfig(data="keep.jsonl", **fields)))
 
 
 def test_a_retention_loss_that_holds_never_acts():
@@ -66,7 +66,7 @@ def test_after_a_cut_only_a_further_rise_from_that_level_cuts_again():
 
 
 def test_the_cut_budget_is_the_retention_checks_own_and_then_it_only_reports():
-    policy = retention_policy(max_cuts=2)
+    policy = retention_policy(max_cuts=2, cooldown=0)  # cuts in successive windows
     actions = judge(policy, [4.0, 4.05, 4.10, 4.15, 4.20])
     assert kinds(actions) == ["none", "cut_lr", "cut_lr", "none", "none"]
     assert actions[3].details["check"] == "retention_no_cut_left"
@@ -104,8 +104,55 @@ def test_a_routing_cut_at_the_same_step_answers_the_rise():
     assert policy.retention(10, 4.07, LR0).kind == "none"  # 0.25% above the routing cut's level
 
 
+def test_a_routing_cut_moves_the_retention_reference_only_when_it_answered_a_rise():
+    policy = retention_policy(cooldown=0)
+    policy.retention(0, 4.0, LR0)
+    # a routing cut at a check whose loss rose less than the cut line answers no rise: the reference stays
+    assert policy.retention(5, 4.02, LR0, cut_this_step=True).details["check"] == "retention_ok"
+    assert policy.state.retention_reference == pytest.approx(4.0)
+    cut = policy.retention(10, 4.035, LR0)  # 0.875% above the base, which is still the reference
+    assert cut.details["check"] == "retention_cut" and cut.details["reference_kind"] == "base"
+
+
+def _routing(step: int, entropy: float) -> RoutingSnapshot:
+    return RoutingSnapshot(step, entropy, [entropy, entropy], [[1 / 8] * 8, [1 / 8] * 8])
+
+
+def test_a_routing_cut_starts_the_one_cooldown_that_holds_back_a_retention_cut_too():
+    policy = retention_policy()  # cooldown 2
+    policy.set_baseline(0.8, [0.8, 0.8])
+    policy.retention(0, 4.0, LR0)
+    routing, retention = [], []
+    for step, entropy, loss in [(5, 0.68, 4.0), (10, 0.68, 4.05), (15, 0.68, 4.05), (20, 0.68, 4.05)]:
+        routing.append(policy.update(_routing(step, entropy), LR0 * policy.multiplier).kind)
+        cut_here = routing[-1] == "cut_lr"
+        retention.append(policy.retention(step, loss, LR0 * policy.multiplier, cut_this_step=cut_here))
+    assert routing == ["cut_lr", "none", "none", "none"]  # one routing cut, then the level holds
+    # the rise at 10 comes in the routing cut's cooldown: no x0.25 in two windows; still standing at 20, it is cut
+    checks = [a.details["check"] for a in retention]
+    assert checks == ["retention_ok", "retention_cooldown", "retention_cooldown", "retention_cut"]
+    assert "cooling down after the routing cut at step 5 (cooldown window 1 of 2)" in retention[1].reason
+    assert retention[3].details["reference"] == pytest.approx(4.0)  # a cooldown does not move the reference
+    assert policy.multiplier == pytest.approx(0.25)
+
+
+def test_a_retention_cut_starts_the_one_cooldown_that_holds_back_a_routing_cut_too():
+    policy = retention_policy()
+    policy.set_baseline(0.8, [0.8, 0.8])
+    policy.retention(0, 4.0, LR0)
+    routing = []
+    for step, entropy, loss in [(5, 0.8, 4.05), (10, 0.68, 4.05), (15, 0.68, 4.05), (20, 0.68, 4.05)]:
+        action = policy.update(_routing(step, entropy), LR0 * policy.multiplier)
+        routing.append(action)
+        policy.retention(step, loss, LR0 * policy.multiplier, cut_this_step=action.kind == "cut_lr")
+    assert policy.state.retention_cuts == 1
+    # the sharp drop at 10 falls in the retention cut's cooldown; at 20 it is still sharp (from 0.8 at 5) and is cut
+    assert [a.details["check"] for a in routing] == ["healthy", "cooldown", "cooldown", "entropy_drop_cut"]
+    assert "cooling down after the retention cut at step 5" in routing[1].reason
+
+
 def test_a_cut_never_takes_the_rate_below_min_lr():
-    policy = GuardPolicy(GuardConfig(min_lr=6e-5, retention=RetentionConfig(data="keep.jsonl")))
+    policy = GuardPolicy(GuardConfig(min_lr=6e-5, cooldown=0, retention=RetentionConfig(data="keep.jsonl")))
     actions = judge(policy, [4.0, 4.05, 4.10])
     assert kinds(actions) == ["none", "cut_lr", "none"]
     assert actions[1].details["clipped_to_min_lr"] and actions[1].details["lr_after"] == pytest.approx(6e-5)
@@ -367,8 +414,12 @@ def test_a_run_resumed_with_other_retention_rows_measures_its_base_again(recipe_
     assert code == 0, err
     events = [json.loads(line) for line in (run / "guard_events.jsonl").read_text().splitlines()]
     assert any(e["action"] == "retention_rows_changed" and e["step"] == 2 for e in events)
-    after = _checks(run)[-1]["base"]
-    assert after != before
+    checks = _checks(run)
+    assert [c["step"] for c in checks] == [0, 2, 2, 4, 6]  # the first run's 0 and 2, then the resumed run's
+    measured_again = checks[2]  # the resumed run's first check, at the checkpoint's step, before any update
+    assert measured_again["check"] == "retention_base" and measured_again["loss"] == measured_again["base"]
+    assert all(c["base"] == measured_again["base"] for c in checks[2:])  # judged against the new rows' base
+    assert all(c["base"] == before for c in checks[:2])  # the first run's own lines keep theirs
 
 
 def test_a_resumed_run_checks_every_nth_logging_step_where_the_whole_run_did(recipe_factory, tmp_path, capsys):

@@ -320,12 +320,18 @@ def test_the_baseline_is_the_probe_routed_before_the_first_update_and_a_resume_k
     assert [e["action"] for e in resumed.events] == []
 
 
-def test_a_run_resumed_from_its_halt_measures_a_new_baseline_on_the_probe_before_its_first_update(tmp_path):
+def test_a_run_resumed_from_its_halt_keeps_the_baseline_of_its_start_and_starts_its_cuts_over(tmp_path):
     first = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 0, _probe_metrics(0.8))
+    first.policy.state.cuts_made, first.policy.state.cooldown_left = 2, 1
     first.halt_step = 15
+    # the probe at the resume routes the collapsed model (0.5): it is not the start
     resumed = _begin(EntropyGuard(echo=None, output_dir=tmp_path), 15, _probe_metrics(0.5), saved=first.state())
-    assert resumed.policy.baseline == pytest.approx(0.5)
-    assert [e["action"] for e in resumed.events] == ["resume_after_halt", "baseline"]
+    state = resumed.policy.state
+    assert state.baseline == pytest.approx(0.8) and state.layer_balance_baseline == pytest.approx([1.0, 1.0])
+    assert state.baseline_top_share == pytest.approx([1 / 8, 1 / 8]) and state.alive_at_baseline == [[True] * 8] * 2
+    assert state.cuts_made == 0 and state.cooldown_left == 0
+    assert [e["action"] for e in resumed.events] == ["resume_after_halt"]  # no new baseline
+    assert "judged against the baseline of the run's start (routing entropy 0.800" in resumed.events[0]["reason"]
     assert resumed.checkpoints.before(100) is None  # the halted weights are never kept as healthy
 
 
@@ -355,3 +361,70 @@ def test_a_resumed_trainer_with_its_own_optimizer_keeps_its_rate_unless_the_user
 
     assert resume(1e-3) == pytest.approx(1e-4)  # same request: the optimizer's own 1e-4 stays
     assert resume(5e-4) == pytest.approx(5e-5)  # half the request: half the rate
+
+
+def _checkpoint(folder: Path) -> Path:
+    """A checkpoint folder of the files a Trainer writes, each whole by `rundir.checkpoint_problem`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.zeros(4, 4)}, str(folder / "adapter_model.safetensors"))
+    torch.save({"step": 1}, folder / "optimizer.pt")
+    torch.save({"lr": 1e-3}, folder / "scheduler.pt")
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    return folder
+
+
+def test_a_copy_of_the_healthy_checkpoint_cut_short_is_never_trusted_as_last_healthy(tmp_path, monkeypatch):
+    import shutil
+
+    from moe_finetune.callbacks import guard as guard_module
+    from moe_finetune.rundir import checkpoint_problem
+
+    source = _checkpoint(tmp_path / "checkpoint-10")
+    kept = tmp_path / "last-healthy" / "checkpoint-10"
+    copied, real_copy = [], shutil.copy2
+
+    def copy_then_fail(src, dst, **kwargs):
+        if copied:  # the second file: the disk fills up, or the process dies, half way through
+            raise OSError(28, "No space left on device")
+        copied.append(src)
+        return real_copy(src, dst, **kwargs)
+
+    monkeypatch.setattr(guard_module.shutil, "copy2", copy_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        guard_module.keep_out_of_rotation(source, tmp_path)
+    assert copied and not kept.exists()  # nothing at the kept name: no half copy to trust later
+    assert list((tmp_path / "last-healthy").iterdir()) == []  # and the staged half copy is gone
+    monkeypatch.setattr(guard_module.shutil, "copy2", real_copy)
+    # a folder already there that is not whole (a copy cut short by a crash) is replaced, not trusted
+    kept.mkdir()
+    (kept / "trainer_state.json").write_text('{"global_step": 1')  # cut short
+    assert checkpoint_problem(kept) is not None
+    assert guard_module.keep_out_of_rotation(source, tmp_path) == kept
+    assert checkpoint_problem(kept) is None
+    assert sorted(p.name for p in kept.iterdir()) == sorted(p.name for p in source.iterdir())
+    assert [p.name for p in (tmp_path / "last-healthy").iterdir()] == ["checkpoint-10"]  # no hidden leftovers
+
+
+def test_a_fresh_runs_guard_keeps_the_dataset_size_override_recorded_by_a_callback_before_it(tmp_path):
+    from types import SimpleNamespace
+
+    from moe_finetune.callbacks import DatasetSizeGuard
+
+    events = tmp_path / "guard_events.jsonl"
+    events.write_text(json.dumps({"step": 40, "action": "halt", "reason": "an earlier run's"}) + "\n")
+    size = DatasetSizeGuard(min_examples=10_000, allow_small=True, dataset=[{"text": "x"}] * 40, echo=None)
+    guard = EntropyGuard(echo=None, output_dir=tmp_path)
+    args = SimpleNamespace(output_dir=str(tmp_path), learning_rate=1e-3)
+    state = TrainerState(global_step=0, is_world_process_zero=True)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    guard.monitor = _StubMonitor(_probe_metrics(0.8), 0)
+    for callback in (size, guard):  # the override's callback first: its train begin runs before the trim
+        callback.on_train_begin(args, state, TrainerControl(), optimizer=optimizer)
+    for callback in (size, guard):
+        callback.on_step_begin(args, state, TrainerControl())
+    written = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sorted(e["action"] for e in written) == ["allow_small_dataset", "baseline"]  # the old run's halt is gone
+    assert next(e for e in written if e["action"] == "allow_small_dataset")["count"] == 40

@@ -204,7 +204,9 @@ def test_zero_epochs_are_refused_unless_max_steps_sets_the_length(recipe_factory
     ],
 )
 def test_fractional_intervals_and_documented_nulls_stay_valid(recipe_factory, override: str) -> None:
-    load_recipe(recipe_factory(), [override])
+    key, value = override.split("=", 1)
+    recipe = load_recipe(recipe_factory(), [override])
+    assert recipe.training[key.removeprefix("training.")] == parse_value(value)  # kept as given, not refused
 
 
 def test_restoring_callback_states_from_a_checkpoint_is_refused_saying_why_and_what_to_do(
@@ -215,7 +217,8 @@ def test_restoring_callback_states_from_a_checkpoint_is_refused_saying_why_and_w
     message = str(info.value)
     assert "training.restore_callback_states_from_checkpoint" in message
     assert "cannot see" in message and "restores its own state" in message and "remove it" in message
-    load_recipe(recipe_factory(), ["training.restore_callback_states_from_checkpoint=false"])
+    allowed = load_recipe(recipe_factory(), ["training.restore_callback_states_from_checkpoint=false"])
+    assert allowed.training_args()["restore_callback_states_from_checkpoint"] is False  # false, as HF's default
 
 
 def test_warmup_ratio_from_older_transformers_points_to_warmup_steps(recipe_factory) -> None:

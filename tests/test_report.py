@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from moe_finetune.report import (
     FINAL_LOAD_PLOT,
     LOAD_SHARE_PLOT,
     TRAINING_PLOT,
+    Start,
     judge,
     layer_balance,
     layers_to_show,
@@ -153,20 +153,56 @@ def _cut(step: int, before: float, after: float, cut: int) -> dict:
     }
 
 
-def _png_size(path: Path) -> tuple[int, int]:
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
+DRAWN: dict[str, int] = {}  # file name -> the data values the figure saved under it drew (see _drawn)
+
+
+@pytest.fixture(autouse=True)
+def _record_what_each_figure_draws(monkeypatch):
+    """Every figure the report saves is read before it is written: how much data its panels draw."""
+    from moe_finetune import report_plots
+
+    save = report_plots.save_figure
+
+    def recording(figure, path):
+        DRAWN[Path(path).name] = _drawn(figure)
+        return save(figure, path)
+
+    DRAWN.clear()
+    monkeypatch.setattr(report_plots, "save_figure", recording)
+
+
+def _drawn(figure) -> int:
+    """The data values drawn in the figure's emptiest panel: finite points of its lines in data coordinates
+    (not the reference lines across a panel, at a start or a cut), finite cells of its heatmaps, bars of
+    non-zero height. 0 = a panel with only its frame (a panel that says in words why it has nothing to draw,
+    as the drift panel of a run without a probe does, is not counted)."""
+    panels = [ax for ax in figure.axes if ax.get_visible() and ax.axison and ax.get_label() != "<colorbar>"]
+    counts = []
+    for ax in panels:
+        data_lines = [line for line in ax.lines if line.get_transform() is ax.transData]
+        lines = sum(int(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).sum()) for line in data_lines)
+        cells = sum(int(np.isfinite(np.asarray(image.get_array(), dtype=float)).sum()) for image in ax.images)
+        bars = sum(
+            sum(1 for path in collection.get_paths() if np.ptp(path.vertices[:, 1]) > 0) for collection in ax.collections
+        )
+        if lines + cells + bars or not ax.texts:
+            counts.append(lines + cells + bars)
+    return min(counts, default=0)
 
 
 def _assert_sensible_pngs(run: Path, names: tuple[str, ...]) -> None:
+    """Each figure is there, decodes to a readable size and is not one flat colour, and every panel of it drew
+    the run's data (a figure whose data came out nan keeps its frames, ticks and titles: `_drawn` is 0)."""
+    from matplotlib import image
+
     for name in names:
         path = run / name
         assert path.is_file(), f"{name} missing"
-        width, height = _png_size(path)
+        pixels = image.imread(path)[..., :3]
+        height, width = pixels.shape[:2]
         assert 800 <= width <= 2000 and 300 <= height <= 2500, (name, width, height)
-        assert path.stat().st_size > 10_000, f"{name} is nearly empty ({path.stat().st_size} bytes)"
+        assert float(pixels.std()) > 0.05, f"{name} is one flat colour"
+        assert DRAWN.get(name, 0) > 0, f"{name} has a panel with no data drawn"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,11 +394,57 @@ def test_repeated_steps_keep_the_later_record_and_are_noted() -> None:
     assert any("1 step(s) were logged twice" in note for note in notes)
 
 
+def _baseline_event(balance: list[float], experts: int = 8) -> dict:
+    """The guard's step-0 `baseline` event: the probe batch routed before the first update."""
+    return {
+        "step": 0,
+        "action": "baseline",
+        "reason": "routing of the probe batch (512 tokens) before the first update",
+        "details": {
+            "source": "probe",
+            "tokens": 512,
+            "entropy": 0.8,
+            "layer_entropy": [0.8] * len(balance),
+            "layer_balance": balance,
+            "layer_load_max": [1.0] * len(balance),
+            "load_share": [[1 / experts] * experts for _ in balance],
+        },
+    }
+
+
+def test_each_layers_start_is_the_guards_baseline_before_the_first_update_not_the_first_windows_mean(
+    tmp_path: Path,
+) -> None:
+    from moe_finetune import report_plots as plots
+
+    # layer 1 collapses from the first window on: the mean of the first 3 windows already holds some of it
+    run = make_run(tmp_path / "early", collapsing=(1,), events=(_baseline_event([0.99, 0.985]),))
+    data = read_run(run)
+    start = data.start
+    assert start.balance.tolist() == [0.99, 0.985] and start.before_training
+    assert np.allclose(start.load_ratio, 1.0)  # each expert's share at the start, x E
+    windows = Start.of_windows(data.series, 3)
+    assert windows.balance[1] < 0.97  # what the report read as layer 1's start before
+    write_report(run)
+    text = (run / REPORT_FILE).read_text()
+    assert "Start = the routing of the probe batch before the first update (the guard's baseline)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| model.layers.1.mlp.gate |"))
+    assert "| 0.985 -> " in row
+    figure = plots.entropy_figure(data.series, {}, start, 0.3)
+    at_zero = [line for ax in figure.axes for line in ax.lines if list(line.get_xdata()) == [0]]
+    assert len(at_zero) == 4  # each layer's start drawn at step 0, in both panels
+    # a run without that event (written before it, or with no guard) reads its start from the first windows
+    old = make_run(tmp_path / "old", collapsing=(1,))
+    write_report(old)
+    assert "Start = the mean of the first 3 logging steps;" in (old / REPORT_FILE).read_text()
+    assert read_run(old).start.balance[1] == pytest.approx(windows.balance[1])
+
+
 def test_many_layers_show_the_worst_layers_first_and_stay_readable(tmp_path: Path) -> None:
     run = make_run(tmp_path / "deep", layers=20, experts=64, collapsing=(17, 3, 11))
     series = read_run(run).series
     assert series is not None
-    shown = layers_to_show(series, baseline_steps=3)
+    shown = layers_to_show(series, Start.of_windows(series, 3))
     assert len(shown) == 8 and set(shown[:3]) == {3, 11, 17}
     write_report(run)
     text = (run / REPORT_FILE).read_text()
@@ -482,14 +564,12 @@ def test_train_writes_the_report_and_prints_one_routing_line_per_logging_step(
     assert "{'loss'" not in out and "routing at step 4" in out  # no raw dicts; the final table stays
     summary = json.loads((run / RUN_SUMMARY_FILE).read_text())
     assert summary["status"] == "finished" and summary["step"] == 4 and summary["train_examples"] == 40
-    events = (
-        [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines()]
-        if (run / EVENTS_FILE).exists()
-        else []
-    )
-    cuts = sum(e["action"] == "cut_lr" for e in events)
+    # 4 steps at 1e-4 leave the tiny model's routing where it started: the guard records its baseline (and the
+    # 40-row dataset's override is recorded), but never acts
+    events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines()]
+    assert sorted(e["action"] for e in events) == ["allow_small_dataset", "baseline"], events
     text = (run / REPORT_FILE).read_text()
-    assert text.startswith("**Learning rate cut" if cuts else "**Healthy**: ran to step 4 of 4")
+    assert text.startswith("**Healthy**: ran to step 4 of 4")
     assert "40 training examples" in text and f"report: {run / REPORT_FILE}" in out
     _assert_sensible_pngs(run, ROUTING_PLOTS)
 

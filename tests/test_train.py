@@ -38,7 +38,8 @@ def test_train_writes_the_run_directory_and_a_loadable_adapter(
     assert "LoRA coverage" in out and "experts 2/2 MoE layers" in out
     assert "done: 4 steps" in out
 
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
 
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(run / "adapter")
@@ -49,7 +50,15 @@ def test_train_writes_the_run_directory_and_a_loadable_adapter(
         after = adapted(**batch).logits
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert set(config["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
-    assert not torch.allclose(before, after, atol=1e-6)
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    trained_b = [name for name, value in saved.items() if "lora_B" in name and value.abs().max() > 0]
+    # PEFT starts every B at zero: each one of the attention and expert targets moved in training
+    assert len(trained_b) == sum("lora_B" in name for name in saved) > 0
+    assert any("experts" in name for name in trained_b) and any("self_attn" in name for name in trained_b)
+    loaded = get_peft_model_state_dict(adapted)
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[name], saved[name]) for name in saved)
+    # and the adapter loaded on the base model changes what it predicts, beyond float noise
+    assert (after - before).abs().max() > 1e-4
 
 
 def test_existing_run_directory_is_refused_without_overwrite(recipe_factory, tmp_path: Path, capsys) -> None:
@@ -86,6 +95,18 @@ def test_validate_rejects_bad_recipes_with_exit_2(recipe_factory, capsys, extra:
     code, _, err = _run(capsys, "validate", str(recipe_factory(extra)))
     assert code == 2
     assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_lora_on_the_router_alone_is_refused_with_exit_2_saying_what_to_turn_on(
+    recipe_factory, tmp_path: Path, capsys, command: str
+) -> None:
+    recipe = recipe_factory("lora:\n  attention: false\n  experts: false\n  router: true\n")
+    code, _, err = _run(capsys, command, str(recipe))
+    assert code == 2, err
+    assert "lora.router: true with lora.attention and lora.experts both false" in err
+    assert "Set lora.attention: true" in err and "Traceback" not in err and "internal error" not in err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
 def test_validate_names_a_missing_data_file(recipe_factory, tmp_path: Path, capsys) -> None:

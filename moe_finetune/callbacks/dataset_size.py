@@ -8,6 +8,7 @@ same rule to a Trainer a user already has, at `on_train_begin`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -63,7 +64,10 @@ class DatasetSizeGuard(TrainerCallback):
     """Refuse to start training on fewer than `min_examples` examples (raises DatasetTooSmallError).
 
     With `allow_small=True` it lets training start, says so loudly, and records the override in
-    `guard_events.jsonl` so that the run directory tells the truth about it later.
+    `guard_events.jsonl` so that the run directory tells the truth about it later. The record is written
+    at the first step's begin, after every callback's `on_train_begin`: a fresh run's EntropyGuard starts
+    that file over at its train begin, which would erase a record written before it (in either order of
+    the callbacks).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class DatasetSizeGuard(TrainerCallback):
         self.dataset = dataset
         self.echo = echo
         self.count: int | None = None
+        self._pending: tuple[Path, dict[str, Any]] | None = None  # the override record, written at the first step
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         dataset = self.dataset
@@ -89,24 +94,27 @@ class DatasetSizeGuard(TrainerCallback):
         if not self.allow_small:
             check_dataset_size(self.count, self.min_examples, "the training dataset")
         if state.is_world_process_zero:
-            from pathlib import Path
-
-            from moe_finetune.callbacks.guard import append_event
-
             message = (
                 f"dataset size override: training on {self.count:,} examples, below the minimum of "
                 f"{self.min_examples:,}; watch routing entropy closely"
             )
-            append_event(
-                Path(args.output_dir),
-                {
-                    "step": state.global_step,
-                    "action": "allow_small_dataset",
-                    "reason": message,
-                    "count": self.count,
-                    "min_examples": self.min_examples,
-                },
-            )
+            record = {
+                "step": state.global_step,
+                "action": "allow_small_dataset",
+                "reason": message,
+                "count": self.count,
+                "min_examples": self.min_examples,
+            }
+            self._pending = (Path(args.output_dir), record)
             if self.echo is not None:
                 self.echo(f"WARNING: {message}")
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            from moe_finetune.callbacks.guard import append_event
+
+            output_dir, record = self._pending
+            self._pending = None
+            append_event(output_dir, record)
         return control

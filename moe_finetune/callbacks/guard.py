@@ -12,13 +12,15 @@ The policy (`routing/policy.py`) decides from numbers alone; this adapter only a
   given (`use_baseline`, `lora.experts: auto`), else the RoutingMonitor's probe batch routed at train
   begin and summarised as a logging window is (`RoutingMonitor.begin_metrics`); only without either
   (`monitor.probe_size: 0`) is it the mean of the first `guards.baseline_steps` logging windows, which a
-  fast collapse may already be inside. A resumed run keeps the baseline of its start (the guard's state);
-  one resumed from a halt starts a fresh episode, re-measured on the probe before its first update. The
-  baseline is written to guard_events.jsonl as a `baseline` event (its source and numbers);
+  fast collapse may already be inside. A resumed run keeps the baseline of its start (the guard's state),
+  and so does one resumed from its halt: a fresh episode (cut budgets, cooldown, dead streaks start over)
+  judged against the healthy start, never against the collapsed routing it resumes from. The baseline is
+  written to guard_events.jsonl as a `baseline` event (its source and numbers);
 - when the guard first acts, the newest checkpoint that is healthy by its own measure (saved inside a
   logging window it judged healthy, before that step: routing/guard_state.HealthyCheckpoints) is copied
-  out of the Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`), so a halted run has a
-  healthy point to go back to; with none saved yet it keeps nothing (never the troubled weights);
+  out of the Trainer's `save_total_limit` rotation (`OUTPUT/last-healthy/`, whole or not at all), so a
+  halted run has a healthy point to go back to when one was saved; with none saved yet (a first action
+  before the first save) it keeps nothing, never the troubled weights, and the halt says to start over;
 - every action is logged as `routing/guard_action` (1 cut, 2 halt, 3 settled), appended to
   `guard_events.jsonl` with metrics and learning rates before/after, and printed as one line;
 - with `guards.retention.data` (or a RetentionSet given), the retention check: the loss on rows the model
@@ -58,7 +60,9 @@ from moe_finetune.rundir import (
     KEPT_CHECKPOINT_DIR,
     RETENTION_FILE,
     append_jsonl,
+    checkpoint_problem,
     keep_records_up_to,
+    unique_sibling,
 )
 from moe_finetune.sections import GuardConfig
 
@@ -86,29 +90,43 @@ def append_event(output_dir: Path, event: dict[str, Any]) -> None:
     append_jsonl(output_dir / EVENTS_FILE, event)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """One file of a kept checkpoint: weights hard-linked where the file system allows, the rest copied."""
+    if src.endswith(".safetensors"):
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)
+
+
 def keep_out_of_rotation(checkpoint: Path, output_dir: Path) -> Path:
     """Copy a checkpoint to OUTPUT/last-healthy/, out of the Trainer's save_total_limit rotation.
 
     Weights (`*.safetensors`) are hard-linked where the file system allows, which costs no space and is
     safe because safetensors replaces a file rather than writing into it; everything else (optimizer,
     scheduler and trainer state, which the Trainer writes in place when it saves that step again) is
-    copied, so the kept checkpoint can never change afterwards.
+    copied, so the kept checkpoint can never change afterwards. The copy is made in a hidden sibling of
+    its own (`last-healthy/.checkpoint-N.<pid>-<id>.tmp`) and renamed into place once whole, so a crash
+    or a full disk mid-copy never leaves a partial `last-healthy/checkpoint-N`; a folder already there
+    is trusted only when every file in it is whole (`rundir.checkpoint_problem`), else it is replaced.
     """
     target = output_dir / KEPT_CHECKPOINT_DIR / checkpoint.name
-    if target.exists():
+    if target.exists() and checkpoint_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-
-    def link_or_copy(src: str, dst: str) -> None:
-        if src.endswith(".safetensors"):
-            try:
-                os.link(src, dst)
-                return
-            except OSError:
-                pass
-        shutil.copy2(src, dst)
-
-    shutil.copytree(checkpoint, target, copy_function=link_or_copy)
+    staged = unique_sibling(target)
+    try:
+        shutil.copytree(checkpoint, staged, copy_function=_link_or_copy)
+        if target.exists():  # not whole (an older copy cut short): moved aside, then removed
+            damaged = unique_sibling(target, ".damaged")
+            os.replace(target, damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
+        os.replace(staged, target)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
     return target
 
 
@@ -212,16 +230,28 @@ class EntropyGuard(TrainerCallback, ExportableState):
                 "resume_lr", f"resumed with learning rate {requested:g} (was {asked_then:g})", state, None, before, after
             )
         if halt_step is not None:
-            # The run halted here before: a fresh guard episode, judged against a new baseline (the probe
-            # routed now, before this run's first update); the cuts already made stay in the learning rate
-            # (and in the multiplier). The halted weights are never a healthy checkpoint of the new episode.
+            # The run halted here before: a fresh guard episode (cut budgets, cooldown, dead streaks start
+            # over) judged against the baseline of the run's start, not the collapsed routing it resumes
+            # from; the cuts already made stay in the learning rate (and in the multiplier). The halted
+            # weights are never a healthy checkpoint of the new episode.
             self.policy.restart_episode()
             self.checkpoints = HealthyCheckpoints()
-            self._baseline_pending = True
+            baseline = self.policy.state
+            against = (
+                f"judged against the baseline of the run's start (routing entropy {baseline.baseline:.3f}"
+                + (
+                    f", lowest layer balance {min(baseline.layer_balance_baseline):.3f}"
+                    if baseline.layer_balance_baseline
+                    else ""
+                )
+                + "), so a limit the halted routing is still past halts it again"
+                if baseline.baseline is not None
+                else "its baseline is still the mean of the first logging windows"
+            )
             self._record(
                 "resume_after_halt",
-                f"resumed after the halt at step {halt_step}: routing baseline re-measured, cut budgets reset; "
-                "the retention check (if on) still judges against the base model's loss",
+                f"resumed after the halt at step {halt_step}: {against}; the cut budgets and the cooldown start "
+                "over; the retention check (if on) still judges against the base model's loss",
                 state,
                 None,
                 None,
@@ -358,6 +388,8 @@ class EntropyGuard(TrainerCallback, ExportableState):
             "layer_entropy": list(baseline["layer_entropy"]),
             "layer_balance": balance or None,
             "layer_load_max": load_max or None,
+            # (L, E) each expert's load share at the start: the report's per-expert start
+            "load_share": [list(row) for row in baseline.get("load_share") or []] or None,
         }
         self._record("baseline", reason, state, None, None, None, details=event, echo=echo)
 

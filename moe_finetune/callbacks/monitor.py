@@ -6,9 +6,11 @@ window is (`begin_metrics`), are the routing of the model before this run's firs
 EntropyGuard takes as its baseline. At each logging step (in `on_step_end`,
 after DefaultFlowCallback has set `control.should_log`) it
 
-1. all-reduces the flattened running sums across processes (one collective), so every rank
-   computes identical numbers and guards on every rank take the same decision;
-2. summarises them (metrics.py, one host sync) and, every `drift_steps`, re-routes the probe;
+1. all-reduces the flattened running sums across processes (one collective, callbacks/ranks.py), so
+   every rank computes identical numbers and guards on every rank take the same decision;
+2. summarises them (metrics.py, one host sync) and, every `drift_steps`, re-routes the probe; a probe
+   that fails (at train begin or at a drift check) on any rank turns drift off on every rank, agreed in
+   the same collective that reduces the probe's numbers, so no rank is left waiting in one;
 3. resets the sums, calls the listeners (the EntropyGuard acts in the same step), and queues the
    pooled `routing/*` values for the Trainer's next log.
 
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from moe_finetune.callbacks.ranks import all_reduce_measured, all_reduce_sum, world_size
 from moe_finetune.routing.capture import RoutingCapture
 from moe_finetune.routing.metrics import RoutingMetrics, summarise
 from moe_finetune.routing.probe import Drift, ProbeResult, compare_probes, probe_routing, take_probe_batch
@@ -181,7 +184,7 @@ class RoutingMonitor(TrainerCallback):
         self._probe_batch, self._probe_start, self._last_drift_step = None, None, None
         self.begin_metrics, self.begin_step = None, int(state.global_step)
         if self.probe_size > 0:
-            now = None
+            now, failure = None, None
             try:
                 self._probe_batch = take_probe_batch(train_dataloader, self.probe_size)
                 self._probe_chunk = int(getattr(args, "per_device_train_batch_size", 0) or 0) or None
@@ -189,22 +192,29 @@ class RoutingMonitor(TrainerCallback):
                     now = probe_routing(self.capture, self._probe_batch, self._probe_chunk)
                     self._probe_start = self._reference_probe(int(state.global_step), now)
             except Exception as err:  # drift is optional: never fail a training run over the probe
-                warnings.warn(f"RoutingMonitor: no probe batch, routing/drift is off ({err})", stacklevel=2)
-                self._probe_batch, self._probe_start, now = None, None, None
-            if now is not None:
-                self.begin_metrics = self._summarise_probe(now)
+                failure, now = err, None
+            self.begin_metrics = self._summarise_probe(now, failure)
         return control
 
-    def _summarise_probe(self, probe: ProbeResult) -> RoutingMetrics | None:
-        """The probe's routing as a logging step's metrics (reduced across ranks the same way); None when it
-        routed no real token."""
-        assert probe.sums is not None
-        sums = probe.sums
-        if world_size() > 1:
-            flat = sums.as_tensor()
-            torch.distributed.all_reduce(flat)
-            sums = sums.from_tensor(flat)
-        metrics = summarise(sums, capacity_factor=self.capacity_factor, dead_threshold=self.dead_threshold)
+    def _summarise_probe(self, probe: ProbeResult | None, failure: Exception | None) -> RoutingMetrics | None:
+        """The probe's routing at train begin as a logging step's metrics, reduced across ranks the same way;
+        None when it routed no real token, or when any rank has no probe (it failed there, or found no rows):
+        then drift is off on every rank alike, and so is the guard's baseline from the probe."""
+        assert self.capture is not None
+        like = self.capture.empty_sums()
+        local = probe.sums.as_tensor() if probe is not None and probe.sums is not None else None
+        flat, missing = all_reduce_measured(local, like.as_tensor())
+        if flat is None:
+            if failure is not None or missing < world_size():
+                here = f"here: {failure}" if failure is not None else "here it routed fine"
+                warnings.warn(
+                    f"RoutingMonitor: no probe batch on {missing} of {world_size()} rank(s) ({here}), so "
+                    "routing/drift is off on every rank",
+                    stacklevel=3,
+                )
+            self._probe_batch, self._probe_start = None, None
+            return None
+        metrics = summarise(like.from_tensor(flat), capacity_factor=self.capacity_factor, dead_threshold=self.dead_threshold)
         return metrics if metrics.tokens > 0 else None
 
     def _reference_probe(self, step: int, now: ProbeResult) -> ProbeResult:
@@ -283,9 +293,7 @@ class RoutingMonitor(TrainerCallback):
         assert self.capture is not None
         sums = self.capture.sums
         if world_size() > 1:
-            flat = sums.as_tensor()  # every sum in one float64 vector: one collective
-            torch.distributed.all_reduce(flat)
-            sums = sums.from_tensor(flat)
+            sums = sums.from_tensor(all_reduce_sum(sums.as_tensor()))  # every sum in one float64 vector
         metrics = summarise(sums, capacity_factor=self.capacity_factor, dead_threshold=self.dead_threshold)
         self.capture.reset()
         step = int(state.global_step)
@@ -309,8 +317,28 @@ class RoutingMonitor(TrainerCallback):
         if not due:
             return None
         self._last_drift_step = step
-        drift = compare_probes(self._probe_start, probe_routing(self.capture, self._probe_batch, self._probe_chunk))
-        self.latest_drift = _mean_over_ranks(drift, self.capture.device)
+        layers = self.capture.num_layers
+        local, failure = None, None
+        try:
+            drift = compare_probes(self._probe_start, probe_routing(self.capture, self._probe_batch, self._probe_chunk))
+            values = [drift.topk_change, drift.load_js, *drift.layer_topk_change, *drift.layer_load_js]
+            local = torch.tensor(values, dtype=torch.float64)
+        except Exception as err:  # drift is optional: never fail a training run over the probe
+            failure = err
+        # the mean over ranks: identical probes give identical numbers anyway, and ranks fed different data
+        # (so different probe rows) still log and decide on the same values
+        summed, missing = all_reduce_measured(local, torch.zeros(2 + 2 * layers, dtype=torch.float64))
+        if summed is None:
+            here = f"here: {failure}" if failure is not None else "here it routed fine"
+            warnings.warn(
+                f"RoutingMonitor: the drift probe failed at step {step} on {missing} of {world_size()} rank(s) "
+                f"({here}), so routing/drift is off on every rank from here",
+                stacklevel=2,
+            )
+            self._probe_start, self._probe_batch = None, None
+            return None
+        mean = (summed / world_size()).tolist()
+        self.latest_drift = Drift(mean[0], mean[1], mean[2 : 2 + layers], mean[2 + layers :])
         return self.latest_drift
 
     def _record(
@@ -360,27 +388,6 @@ def _batch_fingerprint(batch: dict[str, torch.Tensor]) -> str:
     """A digest of the probe's tokens: a saved reference is only comparable to the same rows."""
     ids = batch.get("input_ids", batch.get("inputs_embeds"))
     return hashlib.sha256(ids.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def world_size() -> int:
-    """Processes in the run (1 without torch.distributed): whether a measurement must be reduced across ranks."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _mean_over_ranks(drift: Drift, device: torch.device) -> Drift:
-    """Average a drift measurement over ranks: identical probes give identical numbers anyway, and
-    ranks fed different data (so different probe rows) still log and decide on the same values."""
-    world = world_size()
-    if world == 1:
-        return drift
-    layers = len(drift.layer_topk_change)
-    values = [drift.topk_change, drift.load_js, *drift.layer_topk_change, *drift.layer_load_js]
-    flat = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(flat)
-    mean = (flat / world).cpu().tolist()
-    return Drift(mean[0], mean[1], mean[2 : 2 + layers], mean[2 + layers :])
 
 
 def _fmt_count(value: float) -> str:

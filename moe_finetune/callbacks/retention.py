@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moe_finetune.callbacks.monitor import world_size
+from moe_finetune.callbacks.ranks import all_reduce_sum, world_size
 from moe_finetune.data import row_token_ids
 from moe_finetune.errors import DataError
 from moe_finetune.models.tokens import pad_batch, padding_id, summed_token_loss
@@ -120,12 +120,8 @@ class RetentionSet:
             model.train(was_training)
         loss = total / max(count, 1)
         world = world_size()
-        if world > 1:
-            # NCCL reduces CUDA tensors only, wherever the embeddings live (CPU-offloaded under FSDP)
-            nccl = torch.distributed.get_backend() == "nccl"
-            where = torch.device("cuda", torch.cuda.current_device()) if nccl else device
-            reduced = torch.tensor([loss if math.isfinite(loss) else math.nan], dtype=torch.float64, device=where)
-            torch.distributed.all_reduce(reduced)
+        if world > 1:  # on the backend's device, wherever the embeddings live (CPU-offloaded under FSDP)
+            reduced = all_reduce_sum(torch.tensor([loss if math.isfinite(loss) else math.nan], dtype=torch.float64))
             loss = float(reduced[0]) / world
         self.last_seconds = time.perf_counter() - started
         return loss

@@ -111,6 +111,14 @@ def build_lora_config(model: Any, lora: LoraSection, spec: FamilySpec) -> Any:
     params = expert_targets(lora, spec)
     if not modules and not params and not lora.router:
         raise LoraTargetError("lora: attention, experts and router are all off: there is nothing to train")
+    if not modules and not params:
+        # PEFT trains modules_to_save only beside a LoRA target (get_peft_model raises NoMatchingPeftModuleError),
+        # and the adapter format has no place for routers alone
+        raise LoraTargetError(
+            "lora.router: true with lora.attention and lora.experts both false gives LoRA nothing to adapt: PEFT "
+            "trains the routers (modules_to_save) only beside at least one LoRA target. Set lora.attention: true "
+            "as well (the smallest adapter beside the routers), or lora.experts"
+        )
     # PEFT picks modules_to_save by a plain `key.endswith(name)` (peft/utils/other.py, _set_trainable), so
     # a leaf name would also catch its look-alikes: "gate" trains Qwen2-MoE's shared_expert_gate too. Full
     # paths match only the routers themselves (the PeftModel's names end with them; layer "1" cannot match

@@ -89,6 +89,10 @@ _ADDED_STATE_FIELDS = {
     "retention_last_step",
     "retention_fingerprint",
     "retention_reference_kind",
+    "window_step",
+    "window_in_cooldown",
+    "cooldown_cut_step",
+    "cooldown_cut_by",
 }
 
 
@@ -103,7 +107,14 @@ class GuardState:
     baseline_top_share: list[float] | None = None  # (L,) each layer's largest expert share at the baseline
     alive_at_baseline: list[list[bool]] | None = None  # (L, E) experts that were alive at the baseline
     cuts_made: int = 0
+    # Logging windows of cooldown still to come after the last cut, routing's or retention's (one cooldown for
+    # every cut of the guard); the window it was last counted in, whether that window was one of them, and
+    # which cut started it (for the sentences)
     cooldown_left: int = 0
+    window_step: int | None = None
+    window_in_cooldown: bool = False
+    cooldown_cut_step: int | None = None
+    cooldown_cut_by: str | None = None  # "routing" | "retention"
     multiplier: float = 1.0  # product of the cut factors applied so far
     dead_streaks: list[int] = field(default_factory=list)  # (L,) consecutive checks with too many dead
     last_step: int | None = None  # a step judged once is never judged again

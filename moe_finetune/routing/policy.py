@@ -26,12 +26,20 @@ reads. The checks, in order:
    it "continues" when it falls `continue_drop` further below where it stood at the last cut -> halt;
    otherwise the run has settled below its baseline -> one `settled` event, and it runs on
 
+A relative fall of routing entropy (checks 5-7) is judged only where the baseline (pooled, or the layer's)
+is at least `min_baseline_entropy`: a router near-deterministic at the start moves by half of its entropy
+on a wobble. One cooldown serves every cut of the guard (routing's and retention's): in its windows
+neither check cuts and the "continues" halt waits; the halts of checks 1, 2, 4 and 5 and retention's
+`halt_rise` apply throughout.
+
 and, apart from routing, the retention check (`retention`, when `guards.retention.data` names rows the
 model should keep knowing; the adapter measures their loss, the policy judges it):
 
 8. the retention loss before the first update is the base; a loss `retention.halt_rise` above it -> halt;
-   one `retention.cut_rise` above where it stood at the start or at the last retention cut -> cut the LR
-   (its own budget, `retention.max_cuts`; at most one cut per logging step, whichever check makes it)
+   one `retention.cut_rise` above its reference -> cut the LR (its own budget, `retention.max_cuts`; at most
+   one cut per logging step, whichever check makes it). The reference is where the loss stood before the
+   first update, or at the last cut that answered a rise: a retention cut, or a routing cut made at the step
+   a rise was seen (else one rise would cost two cuts, the routing one and a retention one after cooldown)
 
 Two entropies, because sharpening is not collapse (README, "What the guards do"): *routing entropy*
 (`routing/entropy`, the mean per-token entropy of the router's distribution) falls when routers get
@@ -50,6 +58,7 @@ order `decide` runs them; its inputs, state and outputs live in guard_state.py, 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -80,6 +89,26 @@ _SLACK = 1e-9
 # baseline measured before the first update, one of the windows the baseline is averaged from). A
 # checkpoint saved inside such a window is one the guard may keep as healthy (guard_state.HealthyCheckpoints).
 HEALTHY_CHECKS = frozenset({"healthy", "baseline"})
+
+# What a new episode (a halt the user resumed from) keeps of the state: what the run is judged against (the
+# baseline of its start, or the windows collected for it; the base model's retention loss) and the bookkeeping
+# that must not run twice (the last judged steps, the cuts already in the learning rate).
+_KEPT_BY_A_NEW_EPISODE = (
+    "baseline",
+    "layer_baseline",
+    "baseline_samples",
+    "load_samples",
+    "baseline_top_share",
+    "alive_at_baseline",
+    "layer_balance_baseline",
+    "balance_samples",
+    "last_step",
+    "window_step",
+    "multiplier",
+    "retention_base",
+    "retention_last_step",
+    "retention_fingerprint",
+)
 
 
 class GuardPolicy:
@@ -124,20 +153,24 @@ class GuardPolicy:
         self.state = GuardState.from_state_dict(state)
 
     def restart_episode(self) -> None:
-        """A fresh episode after a halt the user resumed from: new baseline, full cut budget.
+        """A fresh episode after a halt the user resumed from: the cut budgets, the cooldown, the dead
+        streaks and what the last cut left (its level, `settled`) start over; what the run is judged
+        against does not.
 
-        The last judged step stays (no step is judged twice) and so does the multiplier: the cuts
-        already made are still in the learning rate the resumed run trains with.
+        The baseline stays the routing of the run's start (entropy, balance, load, the experts alive then),
+        as the base model's retention loss stays the retention base: re-measured on the halted model it
+        would absolve the collapse (a load limit 1.5x a collapsed share is at or above 1/k and can never
+        fire; experts already dead leave the dead count). So a limit the halted routing is still past
+        halts the resumed run again. The sharp-drop reference starts at the resumed run's first window (a
+        level reached before the halt is not a sharp drop), the last judged step stays (no step is judged
+        twice), and so does the multiplier: the cuts already made are in the rate the run resumes with.
         """
         old = self.state
+        kept = {name: copy.deepcopy(getattr(old, name)) for name in _KEPT_BY_A_NEW_EPISODE}
         self.state = GuardState(
-            last_step=old.last_step,
-            multiplier=old.multiplier,
-            # the base model's retention loss stays the truth; the cuts and the reference start over
-            retention_base=old.retention_base,
-            retention_last_step=old.retention_last_step,
-            retention_fingerprint=old.retention_fingerprint,
-            retention_reference_kind="resume",
+            **kept,
+            reseed_reference=old.baseline is not None,
+            retention_reference_kind="resume",  # the retention reference starts over at the first check
         )
 
     def reset_retention(self) -> None:
@@ -194,9 +227,7 @@ class GuardPolicy:
                 f"{len(state.layer_baseline)}"
             )
         state.last_step = step
-        in_cooldown = state.cooldown_left > 0
-        if in_cooldown:
-            state.cooldown_left -= 1
+        in_cooldown = self._enter_window(step)
 
         # 1. Non-finite first: nothing else in a NaN snapshot can be trusted.
         bad_fields = _non_finite_fields(snapshot)
@@ -266,6 +297,8 @@ class GuardPolicy:
                     "check": "cooldown",
                     "cooldown_left": state.cooldown_left,
                     "last_cut_step": state.last_cut_step,
+                    "cooldown_cut_step": state.cooldown_cut_step,
+                    "cooldown_cut_by": state.cooldown_cut_by,
                     **below,
                 },
             )
@@ -292,6 +325,22 @@ class GuardPolicy:
         return Finding("none", {"check": "holding", **below})
 
     # ------------------------------------------------------------------ the individual checks
+
+    def _enter_window(self, step: int) -> bool:
+        """Whether the logging window ending at `step` is one of a cooldown's, counting it once: the routing
+        checks and the retention check of one window read the same answer (the routing checks run first)."""
+        state = self.state
+        if state.window_step is None or step > state.window_step:
+            state.window_step = step
+            state.window_in_cooldown = state.cooldown_left > 0
+            if state.window_in_cooldown:
+                state.cooldown_left -= 1
+        return state.window_in_cooldown
+
+    def _start_cooldown(self, step: int, by: str) -> None:
+        state = self.state
+        state.cooldown_left = self.config.cooldown
+        state.cooldown_cut_step, state.cooldown_cut_by = step, by
 
     def _collect_baseline(self, snapshot: RoutingSnapshot) -> Finding:
         state = self.state
@@ -363,14 +412,15 @@ class GuardPolicy:
         self, snapshot: RoutingSnapshot, pooled_threshold: float, layer_threshold: float, label: str
     ) -> dict[str, Any]:
         """The facts of a drop check: how far pooled and each layer fell below baseline, and who is at fault."""
-        state = self.state
+        state, floor = self.state, self.config.min_baseline_entropy
         assert state.baseline is not None and state.layer_baseline is not None
         pooled_drop = _fraction_below(state.baseline, snapshot.entropy)
-        pooled_at_fault = pooled_drop >= pooled_threshold - _SLACK
+        # below the floor a relative fall is a wobble of a near-deterministic router, not a drop
+        pooled_at_fault = pooled_drop >= pooled_threshold - _SLACK and state.baseline >= floor
         faults = []
         for layer, (value, base) in enumerate(zip(snapshot.layer_entropy, state.layer_baseline, strict=True)):
             layer_drop = _fraction_below(base, value)
-            if layer_drop >= layer_threshold - _SLACK:
+            if layer_drop >= layer_threshold - _SLACK and base >= floor:
                 faults.append(
                     {
                         "layer": layer,
@@ -425,9 +475,10 @@ class GuardPolicy:
                 state.dead_streaks[layer] = 0
                 continue
             alive = state.alive_at_baseline[layer] if state.alive_at_baseline is not None else [True] * len(shares)
+            alive_count = sum(alive)  # the fraction counts the experts alive at the baseline, not all of them
             line = snapshot.dead_threshold / len(shares)
             dead = [e for e, share in enumerate(shares) if alive[e] and share < line]
-            if dead and len(dead) / len(shares) >= cfg.dead_fraction - _SLACK:
+            if dead and len(dead) / alive_count >= cfg.dead_fraction - _SLACK:
                 state.dead_streaks[layer] += 1
             else:
                 state.dead_streaks[layer] = 0
@@ -438,6 +489,7 @@ class GuardPolicy:
                         "name": snapshot.layer_label(layer),
                         "dead_experts": dead,
                         "experts": len(shares),
+                        "alive_at_baseline": alive_count,
                         "streak": state.dead_streaks[layer],
                         "dead_threshold": snapshot.dead_threshold,
                     }
@@ -559,14 +611,16 @@ class GuardPolicy:
 
     def decide_retention(self, step: int, loss: float, current_lr: float, *, cut_this_step: bool = False) -> Finding:
         """Check 8 (module docstring): the first measurement is the base; then halt at `halt_rise` above it,
-        cut at `cut_rise` above the last reference. Forgetting does not heal by itself at a lower learning
-        rate, so the reference moves to the level of each cut: every further `cut_rise` costs one more cut."""
+        cut at `cut_rise` above the last reference, unless a cut of either check is cooling down. Forgetting
+        does not heal by itself at a lower learning rate, so the reference moves to the level of each cut
+        that answered a rise: every further `cut_rise` costs one more cut."""
         cfg, state = self.config.retention, self.state
         if not math.isfinite(current_lr) or current_lr < 0:
             raise ValueError(f"current_lr must be a finite number >= 0, got {current_lr}")
         if state.retention_last_step is not None and step <= state.retention_last_step:
             return Finding("none", {"check": "replay", "_last_step": state.retention_last_step})
         state.retention_last_step = step
+        in_cooldown = self._enter_window(step)
         if not math.isfinite(loss):
             facts = {"check": "retention_non_finite", "loss": loss}
             return Finding("halt" if self.config.halt_on_nonfinite else "none", facts)
@@ -596,6 +650,18 @@ class GuardPolicy:
             state.retention_reference = float(loss)  # the routing cut answers this rise too
             state.retention_reference_kind = "cut"
             return Finding("none", {"check": "retention_cut_by_routing", "cut_rise": cfg.cut_rise, **facts})
+        if in_cooldown:  # the reference stays: a rise still standing after the cooldown is cut then
+            return Finding(
+                "none",
+                {
+                    "check": "retention_cooldown",
+                    "cut_rise": cfg.cut_rise,
+                    "cooldown_left": state.cooldown_left,
+                    "cooldown_cut_step": state.cooldown_cut_step,
+                    "cooldown_cut_by": state.cooldown_cut_by,
+                    **facts,
+                },
+            )
         at_min_lr = current_lr <= self.config.min_lr or math.isclose(current_lr, self.config.min_lr, rel_tol=1e-9)
         if state.retention_cuts >= cfg.max_cuts or at_min_lr:
             return Finding(
@@ -607,6 +673,7 @@ class GuardPolicy:
         state.retention_reference = float(loss)
         state.retention_reference_kind = "cut"
         state.multiplier *= factor
+        self._start_cooldown(step, "retention")
         facts.update(
             check="retention_cut",
             cut_rise=cfg.cut_rise,
@@ -633,7 +700,7 @@ class GuardPolicy:
         state.settled_step = None
         factor, clipped = self._cut_factor(current_lr)
         state.cuts_made += 1
-        state.cooldown_left = cfg.cooldown
+        self._start_cooldown(step, "routing")
         state.multiplier *= factor
         state.last_cut_step = step
         return Finding(

@@ -123,13 +123,14 @@ def _load_ratio(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
 
 def _dead_experts(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     layers = facts["layers"]
-    worst = max(layers, key=lambda d: len(d["dead_experts"]) / d["experts"])
+    worst = max(layers, key=lambda d: len(d["dead_experts"]) / d.get("alive_at_baseline", d["experts"]))
     more = f" ({len(layers) - 1} more layer(s) likewise)" if len(layers) > 1 else ""
+    alive = worst.get("alive_at_baseline", worst["experts"])
+    of = f"the {alive} experts" if alive == worst["experts"] else f"the {alive} of {worst['experts']} experts"
     return (
-        f"{worst['name']} has had {len(worst['dead_experts'])} of {worst['experts']} experts (alive at the "
-        f"baseline) dead (load share below {worst['dead_threshold']:g}x uniform) for {worst['streak']} "
-        f"consecutive checks (limit {config.dead_fraction:.0%} of a layer's experts for "
-        f"{config.dead_patience} checks){more}"
+        f"{worst['name']} has had {len(worst['dead_experts'])} of {of} alive at the baseline dead (load share "
+        f"below {worst['dead_threshold']:g}x uniform) for {worst['streak']} consecutive checks (limit "
+        f"{config.dead_fraction:.0%} of a layer's experts alive at the baseline, for {config.dead_patience} checks){more}"
     )
 
 
@@ -176,10 +177,24 @@ def _healthy(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
     return f"routing entropy within limits (pooled {facts['entropy']:.2f}, baseline {facts['baseline']:.2f})"
 
 
-def _cooldown(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+def _cooling_down(facts: dict[str, Any], config: GuardConfig) -> str:
+    """`the guard is cooling down after the retention cut at step 5 (cooldown window 1 of 2)`."""
+    by = facts.get("cooldown_cut_by")
+    cut_step = facts.get("cooldown_cut_step", facts.get("last_cut_step"))
     return (
-        f"{drop_phrase(facts)}, but the guard is cooling down after the cut at step {facts['last_cut_step']} "
+        f"the guard is cooling down after the {by + ' ' if by else ''}cut at step {cut_step} "
         f"(cooldown window {config.cooldown - facts['cooldown_left']} of {config.cooldown})"
+    )
+
+
+def _cooldown(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return f"{drop_phrase(facts)}, but {_cooling_down(facts, config)}"
+
+
+def _retention_cooldown(facts: dict[str, Any], config: GuardConfig, step: int) -> str:
+    return (
+        f"{_retention_since(facts)} (cut line {percent(facts['cut_rise'])}), but {_cooling_down(facts, config)}: "
+        "judged again after it"
     )
 
 
@@ -296,6 +311,7 @@ _WRITERS: dict[str, Callable[[dict[str, Any], GuardConfig, int], str]] = {
     "retention_ok": _retention_ok,
     "retention_cut": _retention_cut,
     "retention_cut_by_routing": _retention_cut_by_routing,
+    "retention_cooldown": _retention_cooldown,
     "retention_no_cut_left": _retention_no_cut_left,
     "retention_halt": _retention_halt,
     "retention_non_finite": _retention_non_finite,
