@@ -1,7 +1,9 @@
 """Fast LoRA on fused experts (models/experts.py) against its slow oracle, PEFT's merged-stack path.
 
 Every test runs both paths on one model with the same weights: `use_peft_expert_lora` puts PEFT's
-ParamWrapper back in charge, `use_fast_expert_lora` the routed-token kernel.
+ParamWrapper back in charge, `use_fast_expert_lora` the routed-token kernel. On every family: logits,
+every LoRA gradient, greedy generation with the cache (fp32, tight) and bf16 against the fp32 truth.
+PEFT's other operations (several adapters, unload, merge, ...) are in test_peft_contract.py.
 """
 
 from __future__ import annotations
@@ -204,19 +206,75 @@ def test_family_the_kernel_cannot_serve_falls_back_to_peft_and_the_line_says_so(
     assert peft_model.get_base_model().config._experts_implementation != LORA_EXPERTS_IMPLEMENTATION
 
 
-def test_bf16_fast_kernel_trains_close_to_peft() -> None:
-    peft_model, _ = lora_model("mixtral", dtype=torch.bfloat16)
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_greedy_generation_with_the_cache_gives_peft_tokens_and_scores(family: str) -> None:
+    # Prefill runs every prompt token through the experts, each decoding step one token per row, on the cache.
+    peft_model, _ = lora_model(family)
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, VOCAB, (2, 7), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding, as generation wants it
+    settings = dict(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, use_cache=True,
+        output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+    )  # fmt: skip
+    peft_model.eval()
+    seen = record_parametrized(peft_model)
+    with torch.no_grad():
+        reference = peft_model.generate(**settings)
+        assert seen and all(seen)
+        assert use_fast_expert_lora(peft_model) is None
+        seen.clear()
+        fast = peft_model.generate(**settings)
+    assert seen and not any(seen)
+    assert torch.equal(fast.sequences, reference.sequences)
+    for fast_scores, reference_scores in zip(fast.scores, reference.scores, strict=True):
+        torch.testing.assert_close(fast_scores, reference_scores, atol=1e-5, rtol=1e-4)
+
+
+def _copy_parameters(source, target) -> None:
+    with torch.no_grad():
+        values = dict(source.named_parameters())
+        for name, param in target.named_parameters():
+            param.copy_(values[name].to(param.dtype))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_bf16_fast_kernel_is_as_exact_as_peft_bf16_against_the_fp32_truth(family: str) -> None:
+    """bf16 is judged against the fp32 computation of the same weights: the fast kernel's error must be
+    small beside the LoRA's own effect on the logits and no larger than PEFT's own bf16 error.
+
+    Not a fixed atol: a bf16 rounding can flip a near-tied routing choice (measured: one token in
+    layer 1 of OLMoE on the fast path, none on PEFT's), which moves that token's gradient between
+    experts, so gradients are compared in aggregate and each within PEFT's error plus a tenth of its norm
+    (a wrong factor layout gives errors of the order of the gradient itself)."""
+    model16, _ = lora_model(family, dtype=torch.bfloat16)
+    model32, _ = lora_model(family)
+    _copy_parameters(model16, model32)  # the fp32 truth of exactly the bf16 weights
     batch = padded_batch()
-    ref_logits, ref_grads = step(peft_model, batch)
-    use_fast_expert_lora(peft_model)
-    logits, grads = step(peft_model, batch)
-    assert logits.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.float(), ref_logits.float(), atol=0.1, rtol=0.05)
-    for name, grad in ref_grads.items():
-        cos = torch.nn.functional.cosine_similarity(
-            grads[name].float().flatten(), grad.float().flatten(), dim=0
-        )
-        assert cos > 0.98, name
+    truth = step(model32, batch)
+    with torch.no_grad(), model32.disable_adapter():
+        base = model32(**batch).logits
+    peft16 = step(model16, batch)
+    assert use_fast_expert_lora(model16) is None
+    fast16 = step(model16, batch)
+    assert fast16[0].dtype == torch.bfloat16
+
+    def logits_error(result):
+        return (result[0].float() - truth[0]).abs().mean()
+
+    effect = (truth[0] - base).abs().mean()
+    assert logits_error(fast16) < 0.1 * effect
+    assert logits_error(fast16) <= 1.5 * logits_error(peft16)
+
+    def grad_errors(result):
+        return {name: (result[1][name].float() - grad).norm() for name, grad in truth[1].items()}
+
+    fast_errors, peft_errors = grad_errors(fast16), grad_errors(peft16)
+    total = lambda errors: torch.stack(list(errors.values())).norm()  # noqa: E731
+    assert total(fast_errors) <= 1.5 * total(peft_errors)
+    for name, grad in truth[1].items():
+        assert fast_errors[name] <= peft_errors[name] + 0.1 * grad.norm(), name
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,14 +10,26 @@ with grouped matmuls, so the extra work is two thin (rank-r) matmuls per project
 never formed. The factors stay PEFT's own parameters (read from the wrapper), so the trainable
 parameter names, the saved adapter and `merge_and_unload` are exactly PEFT's.
 
-How it is switched on (`use_fast_expert_lora`):
+How it is switched on (`use_fast_expert_lora`), keeping PEFT's whole contract (issue 26; PEFT's own
+tests/test_target_parameters.py runs with it in place in benchmarks/peft_suite.py):
 - the forward is registered in transformers' `ExpertsInterface` as `lora_grouped_mm` and selected the
   transformers way, `model.set_experts_implementation("lora_grouped_mm")`;
-- each experts module keeps a plain dict of its `ParamWrapper`s (`_lora_param_wrappers`, not a submodule),
-  and each wrapper's class becomes `FastExpertsParamWrapper`, whose `_activate_lora` does nothing while
-  the experts run `lora_grouped_mm` (so PEFT never parametrizes the weight) and is PEFT's otherwise.
+- the wrappers stay PEFT's own `ParamWrapper`s (PEFT recognises an existing wrapper by that class name when
+  a second adapter is added or loaded); three of their methods are replaced on each instance:
+  `_activate_lora`, which PEFT's forward calls only when the adapters are on and not merged, publishes the
+  wrapper and the adapters PEFT passes it to its experts for that one forward instead of parametrizing the
+  weight as `W + s·B·A`; the kernel reads the factors of exactly those adapters (several active ones add,
+  as PEFT sums their deltas). No wrapper around the experts (disabled, merged, unloaded): nothing is
+  published and the experts run the implementation they had before the switch, bit for bit.
+  `unload_and_optionally_merge_module` (`unload`, `merge_and_unload`) puts that implementation back in
+  the configs, so the unloaded model is the base model. `merge` refuses 4-bit experts (models/quant4.py),
+  whose packed bytes cannot take B·A;
+- what PEFT itself refuses for target parameters (`add_weighted_adapter`, mixed adapter batches, dropout,
+  DoRA, LoRA bias) it still refuses, in its own words, before the kernel is reached.
+The one PEFT test whose outcome differs on purpose counts calls to PEFT's internal `_LoraFactorsProxy`,
+the merged-stack parametrization that the kernel never builds.
 
-PEFT's layout (peft 0.21 `ParamWrapper.update_layer` / `get_delta_weight`), for a projection with
+PEFT's layout (peft 0.21-0.22 `ParamWrapper.update_layer` / `get_delta_weight`), for a projection with
 `in_features` inputs and `out_features` outputs whatever the storage order of W:
 `lora_A.weight` is (r·E, in), read expert-major: `.view(E, r, in)`; `lora_B.weight` is (out, r·E),
 read expert-minor: `.view(out, r, E)`, column `j·E + e` is rank j of expert e.
@@ -30,15 +42,17 @@ On CPU each expert's routed rows are padded to one of a few counts per octave (`
 keeps one primitive per matmul shape, and unpadded counts change every step (measured: ~1 GiB of cache
 after two steps, and slower steps, on a 1,152 MiB-expert model). The padding rows are never read back.
 
-Why one file of ~510 lines: the forward, its two memory-saving autograd functions and the switch that
+Why one file of ~640 lines: the forward, its two memory-saving autograd functions and the switch that
 keeps PEFT's wrapper from merging are one mechanism, and the equality with PEFT's path depends on all
-three agreeing on PEFT's factor layout.
+three agreeing on PEFT's factor layout and on PEFT's choice of adapters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -259,15 +273,19 @@ class _LoraTerm:
 
 
 def _lora_terms(experts: nn.Module, parameter_name: str) -> list[_LoraTerm]:
-    """The active adapters' factors for one expert parameter, in PEFT's layout (module docstring)."""
-    wrapper = getattr(experts, "_lora_param_wrappers", {}).get(parameter_name)
-    if wrapper is None or wrapper.disable_adapters or wrapper.merged:
+    """The LoRA terms of one expert parameter in this forward, in PEFT's layout (module docstring): those
+    its ParamWrapper published, with the adapters PEFT passed it, while it runs around these experts
+    (`_fast_activate_lora`). None published (adapters disabled or merged, the wrapper unloaded): none."""
+    state = getattr(experts, "_lora_fast", None)
+    published = state.published.get(parameter_name) if state is not None else None
+    if published is None:
         return []
+    wrapper, adapters = published
     dtype = compute_dtype(experts, parameter_name)
     terms = []
-    for adapter in wrapper.active_adapters:
+    for adapter in adapters:
         if adapter not in wrapper.lora_A:
-            continue
+            continue  # as PEFT: an active adapter that does not adapt this parameter adds nothing
         num_experts = wrapper.num_experts
         weight_a = wrapper.lora_A[adapter].weight  # (r·E, in), expert-major
         weight_b = wrapper.lora_B[adapter].weight  # (out, r·E), expert-minor
@@ -342,12 +360,12 @@ def lora_grouped_mm_experts_forward(
     hidden_states (N, H), top_k_index / top_k_weights (N, k) -> (N, H). Biases (GPT-OSS) and the
     family's own gate (`_apply_gate`: SiLU·up, GPT-OSS's clamped interleaved SwiGLU) as transformers has them.
     """
-    from transformers.integrations.moe import grouped_mm_experts_forward
-
     gate_up_terms = _lora_terms(self, "gate_up_proj")
     down_terms = _lora_terms(self, "down_proj")
-    if not gate_up_terms and not down_terms and not is_packed(self):  # adapters off or merged: the base computation
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if not gate_up_terms and not down_terms and not is_packed(self):
+        # No LoRA in this forward (adapters disabled or merged, wrappers unloaded): exactly what these experts
+        # computed before the switch, so a disabled or unloaded adapter gives the base model's logits bit for bit.
+        return _previous_forward(self)(self, hidden_states, top_k_index, top_k_weights)
 
     num_tokens, hidden_dim = hidden_states.shape
     num_top_k = top_k_index.shape[-1]
@@ -394,24 +412,119 @@ def lora_grouped_mm_experts_forward(
 # Switching a PEFT model onto the fast path and back
 
 
-class FastExpertsParamWrapper(ParamWrapper):
-    """PEFT's ParamWrapper that leaves the weight alone while its experts run `lora_grouped_mm`
-    (the experts read the factors themselves); under any other experts implementation it is PEFT's."""
+@dataclass
+class _FastState:
+    """What `use_fast_expert_lora` put on one experts module: how to put it back, and what its wrappers
+    publish during a forward. A plain attribute (`_lora_fast`), not a submodule: nothing in state_dict."""
 
-    @contextmanager
-    def _activate_lora(self, active_adapters: list[str]):
-        if fast_kernel_active(self.get_base_layer()):
-            yield
-            return
-        with super()._activate_lora(active_adapters):
-            yield
+    previous: str | None  # these experts' implementation before the switch
+    configs: list[tuple[Any, str | None]]  # every config the switch changed, with its value before
+    published: dict[str, tuple[ParamWrapper, list[str]]] = field(default_factory=dict)
+
+
+def _previous_forward(experts: nn.Module) -> Any:
+    """The experts forward of the implementation from before the switch (transformers' grouped_mm when
+    there is no record: 4-bit experts, whose loader selects `lora_grouped_mm` itself)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+    state = getattr(experts, "_lora_fast", None)
+    previous = state.previous if state is not None else None
+    original = getattr(type(experts).forward, "__wrapped__", None)  # the class's eager forward
+    if previous in (None, LORA_EXPERTS_IMPLEMENTATION) or (previous == "eager" and original is None):
+        return grouped_mm_experts_forward
+    return ALL_EXPERTS_FUNCTIONS.get_interface(previous, original)
 
 
 def fast_kernel_active(experts: nn.Module) -> bool:
     config = getattr(experts, "config", None)
-    return getattr(config, "_experts_implementation", None) == LORA_EXPERTS_IMPLEMENTATION and bool(
-        getattr(experts, "_lora_param_wrappers", None)
+    return getattr(config, "_experts_implementation", None) == LORA_EXPERTS_IMPLEMENTATION and (
+        getattr(experts, "_lora_fast", None) is not None
     )
+
+
+# The ParamWrapper methods replaced on each wrapper instance (its class stays PEFT's own, which PEFT
+# dispatches on by name when a second adapter reuses the wrapper). Bound with functools.partial, which
+# deepcopy and pickle both follow.
+
+
+def _fast_activate_lora(wrapper: ParamWrapper, active_adapters: list[str]) -> Any:
+    """PEFT's `_activate_lora` parametrizes the weight as `W + s·B·A` around the base layer's forward; with
+    the experts on `lora_grouped_mm` the wrapper instead publishes itself and the adapters PEFT chose to the
+    experts for that forward, and the kernel reads their factors. PEFT's forward decides as ever whether to
+    call this (not when disabled, merged or given `adapter_names`), so what runs is always PEFT's choice."""
+    experts = wrapper.get_base_layer()
+    if not fast_kernel_active(experts):
+        if is_packed(experts):
+            raise RuntimeError(
+                f"forward: the 4-bit experts {type(experts).__name__} run only on the {LORA_EXPERTS_IMPLEMENTATION} "
+                f"experts implementation (PEFT's ParamWrapper cannot add B·A to packed weights); the model is on "
+                f"{experts.config._experts_implementation!r}: call "
+                f"model.set_experts_implementation({LORA_EXPERTS_IMPLEMENTATION!r})"
+            )
+        return ParamWrapper._activate_lora(wrapper, active_adapters)
+    return _published(experts._lora_fast, wrapper, active_adapters)
+
+
+@contextmanager
+def _published(state: _FastState, wrapper: ParamWrapper, adapters: list[str]):
+    state.published[wrapper.parameter_name] = (wrapper, list(adapters))
+    try:
+        yield
+    finally:
+        state.published.pop(wrapper.parameter_name, None)
+
+
+def _fast_unload(
+    wrapper: ParamWrapper, merge: bool, safe_merge: bool, adapter_names: list[str] | None
+) -> nn.Module:
+    """PEFT's unload (`unload`, `merge_and_unload`), then the experts back on their implementation from
+    before the switch: the unloaded model is the base model, config included."""
+    experts = ParamWrapper.unload_and_optionally_merge_module(
+        wrapper, merge=merge, safe_merge=safe_merge, adapter_names=adapter_names
+    )
+    _switch_back(experts, _wrapper_chain(wrapper))
+    return experts
+
+
+def _fast_merge(
+    wrapper: ParamWrapper, safe_merge: bool = False, adapter_names: list[str] | None = None
+) -> None:
+    experts = wrapper.get_base_layer()
+    if is_packed(experts):
+        raise RuntimeError(
+            f"merge: the experts {type(experts).__name__}.{wrapper.parameter_name} are 4-bit "
+            "(model.quantization), and B·A cannot be added to packed weights (it would be rounded away). "
+            "Merge the adapter into the full-precision base instead: `moe-finetune merge RUN_DIR` loads it "
+            "unquantized"
+        )
+    ParamWrapper.merge(wrapper, safe_merge=safe_merge, adapter_names=adapter_names)
+
+
+_FAST_METHODS = {
+    "_activate_lora": _fast_activate_lora,
+    "unload_and_optionally_merge_module": _fast_unload,
+    "merge": _fast_merge,
+}
+
+
+def _wrapper_chain(outer: nn.Module) -> list[ParamWrapper]:
+    """The (nested) wrappers from `outer` down to the experts: one per adapted parameter."""
+    chain = []
+    while isinstance(outer, ParamWrapper):
+        chain.append(outer)
+        outer = outer.base_layer
+    return chain
+
+
+def _switch_back(experts: nn.Module, wrappers: Iterable[ParamWrapper]) -> None:
+    """Undo `use_fast_expert_lora` on one experts module and its wrappers (idempotent)."""
+    state = experts.__dict__.pop("_lora_fast", None)
+    for wrapper in wrappers:
+        for name in _FAST_METHODS:
+            wrapper.__dict__.pop(name, None)
+    if state is not None:
+        for config, previous in state.configs:
+            config._experts_implementation_internal = previous  # as set_experts_implementation writes it
 
 
 def register_lora_experts() -> None:
@@ -454,7 +567,8 @@ def unsupported_reason(experts: nn.Module, wrappers: dict[str, Any]) -> str | No
 def use_fast_expert_lora(peft_model: nn.Module) -> str | None:
     """Run every expert LoRA of `peft_model` on the fast kernel. Returns None when it does, else the
     reason it cannot (then nothing changed and PEFT's path stays). All or nothing: the experts
-    implementation is one per model config."""
+    implementation is one per model config. Idempotent: call it again after adding adapters (they reuse
+    the wrappers, so it has nothing to do) or after PEFT wrapped more parameters."""
     found = _expert_wrappers(peft_model)
     if not found:
         return "no expert parameter has LoRA"
@@ -466,34 +580,40 @@ def use_fast_expert_lora(peft_model: nn.Module) -> str | None:
     if not callable(getattr(base, "set_experts_implementation", None)):
         return f"{type(base).__name__} cannot switch its experts implementation"
     register_lora_experts()
-    previous = base.get_experts_implementation()
+    # Every config the switch may change (the model's and its sub-models'), with the value it had, so that
+    # unloading puts back exactly the base model; a second call keeps the record of the first.
+    earlier = next((e._lora_fast for e in found if getattr(e, "_lora_fast", None) is not None), None)
+    configs = earlier.configs if earlier is not None else _config_values(base)
+    previous = {e: e._lora_fast.previous if getattr(e, "_lora_fast", None) else e.config._experts_implementation
+                for e in found}  # fmt: skip
+    before = base.get_experts_implementation()
     base.set_experts_implementation(LORA_EXPERTS_IMPLEMENTATION)
     missed = [e for e in found if e.config._experts_implementation != LORA_EXPERTS_IMPLEMENTATION]
     if missed:
-        base.set_experts_implementation(previous)
+        base.set_experts_implementation(before)
         return f"{type(missed[0]).__name__} did not take the {LORA_EXPERTS_IMPLEMENTATION} implementation"
     for experts, wrappers in found.items():
-        experts._lora_param_wrappers = dict(wrappers)  # a plain dict: not a submodule, not in state_dict
-        experts._lora_previous_implementation = previous
+        if getattr(experts, "_lora_fast", None) is None:
+            experts._lora_fast = _FastState(previous=previous[experts], configs=configs)
         for wrapper in wrappers.values():
-            if type(wrapper) is ParamWrapper:
-                wrapper.__class__ = FastExpertsParamWrapper
+            for name, method in _FAST_METHODS.items():
+                wrapper.__dict__[name] = partial(
+                    method, wrapper
+                )  # an instance attribute: the class stays PEFT's
     return None
+
+
+def _config_values(model: nn.Module) -> list[tuple[Any, str | None]]:
+    from transformers import PreTrainedModel
+
+    configs = {id(m.config): m.config for m in model.modules() if isinstance(m, PreTrainedModel)}
+    return [(config, config._experts_implementation) for config in configs.values()]
 
 
 def use_peft_expert_lora(peft_model: nn.Module) -> None:
     """Back to PEFT's own path (the merged stack) and the experts implementation from before."""
-    found = _expert_wrappers(peft_model)
-    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    previous = next((getattr(e, "_lora_previous_implementation", None) for e in found), None)
-    for experts, wrappers in found.items():
-        experts.__dict__.pop("_lora_param_wrappers", None)
-        experts.__dict__.pop("_lora_previous_implementation", None)
-        for wrapper in wrappers.values():
-            if type(wrapper) is FastExpertsParamWrapper:
-                wrapper.__class__ = ParamWrapper
-    if previous is not None:
-        base.set_experts_implementation(previous)
+    for experts, wrappers in _expert_wrappers(peft_model).items():
+        _switch_back(experts, wrappers.values())
 
 
 def set_expert_lora_dropout(peft_model: nn.Module, p: float) -> int:
