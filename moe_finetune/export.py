@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_finetune.errors import ExportCheckError, RecipeError
-from moe_finetune.merge import ADAPTER_CONFIG, AdapterSource, resolve_source
+from moe_finetune.merge import ADAPTER_CONFIG, AdapterSource, read_json_object, resolve_source
 from moe_finetune.models.families import FamilySpec, family_for_config, strip_wrapper_names
 from moe_finetune.rundir import ADAPTER_DIR
 
@@ -117,17 +117,6 @@ _PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 # ------------------------------------------------------------------------------------------------
 # Reading the adapter
-
-
-def _read_config(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / ADAPTER_CONFIG
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise RecipeError(f"{path} cannot be read as JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path} is not a JSON object")
-    return data
 
 
 def refuse_unservable(config: dict[str, Any], where: Path) -> None:
@@ -749,7 +738,7 @@ def export_adapter(
     protected = [adapter_dir] + ([source.run_dir] if source.run_dir is not None else [])
     check_output(target, overwrite, protected)
 
-    config = _read_config(adapter_dir)
+    config = read_json_object(adapter_dir / ADAPTER_CONFIG)
     refuse_unservable(config, adapter_dir / ADAPTER_CONFIG)
     model_config = _model_config(source)
     family = family_for_config(model_config)

@@ -127,7 +127,8 @@ def find_adapter(path: str | Path) -> tuple[Path, Path | None]:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from a file, or exit 2 naming the file (unreadable, not JSON, not an object)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
@@ -166,7 +167,7 @@ def resolve_source(path: str | Path, base: str | None = None, dtype: str = "auto
         steps = checkpoint_steps(run_dir) if run_dir is not None else []
         whole = f"; the run's newest whole checkpoint is {run_dir / f'checkpoint-{steps[-1]}'}" if steps else ""
         raise RecipeError(f"{adapter_dir} is not a whole adapter: {problem} (a write cut short){whole}")
-    config = _read_json(adapter_dir / ADAPTER_CONFIG)
+    config = read_json_object(adapter_dir / ADAPTER_CONFIG)
     named = config.get("base_model_name_or_path") or None
     raw_model, raw_lora = _read_recipe_sections(run_dir) if run_dir is not None else ({}, {})
     recipe_name = raw_model.get("name")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,6 +68,19 @@ def small_jsonl(tmp_path: Path) -> Path:
     rows = [{"prompt": f"What is {i} plus {i}?\n", "completion": f"{2 * i}"} for i in range(40)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def _two_ranks(script: Path, *args: str, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    return subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def two_ranks():
+    """`two_ranks(script, *args, timeout=...)`: the script on two CPU ranks over gloo (torchrun, one thread
+    each), its output captured."""
+    return _two_ranks
 
 
 def write_recipe(path: Path, text: str) -> Path:

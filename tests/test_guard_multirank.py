@@ -185,27 +185,13 @@ _PROBE_FAILS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("fail_at", [1, 2], ids=["at_train_begin", "at_a_drift_check"])
 def test_a_drift_probe_failing_on_one_rank_only_is_the_same_decision_on_every_rank(
-    tmp_path: Path, tiny_mixtral_dir: Path, fail_at: int
+    tmp_path: Path, tiny_mixtral_dir: Path, fail_at: int, two_ranks
 ) -> None:
     """The probe's forward raises on rank 1 alone: every rank still joins every collective (the failure is
     counted in the one that reduces the probe), turns drift off together and judges from the same baseline."""
     script = tmp_path / "ranks.py"
     script.write_text(_PROBE_FAILS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tiny_mixtral_dir),
-        str(tmp_path),
-        str(Path(__file__).parent),
-        str(fail_at),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    done = two_ranks(script, str(tiny_mixtral_dir), str(tmp_path), str(Path(__file__).parent), str(fail_at), timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2 and ranks[0]["steps"] == ranks[1]["steps"] == 6

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -293,23 +290,10 @@ _RANK_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_two_ranks_log_identical_all_reduced_metrics(tiny_mixtral_dir, tmp_path):
+def test_two_ranks_log_identical_all_reduced_metrics(tiny_mixtral_dir, tmp_path, two_ranks):
     script = tmp_path / "ranks.py"
     script.write_text(_RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-        str(tiny_mixtral_dir),
-        str(tmp_path),
-        str(Path(__file__).parent),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    done = two_ranks(script, str(tiny_mixtral_dir), str(tmp_path), str(Path(__file__).parent), timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
