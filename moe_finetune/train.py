@@ -238,7 +238,7 @@ def banner(recipe: Recipe, family: FamilySpec, model: Any, data: LoadedData, arg
         f"{family.top_k(model.config)}, {total:,} parameters)",
         f"  data        {data.path} ({data.schema}): {data.num_train:,} training examples"
         + (f", {len(data.eval):,} eval" if data.eval is not None else ""),
-        f"  training    lr {args.learning_rate:g} ({args.lr_scheduler_type}), batch "
+        f"  training    lr {args.learning_rate:g} ({getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type)}), batch "
         f"{args.per_device_train_batch_size}x{args.gradient_accumulation_steps}, "
         + (
             f"{args.max_steps} steps"

@@ -63,7 +63,7 @@ def validate_recipe(
     lora_config = build_lora_config(model, recipe.lora, family)
     total = sum(p.numel() for p in model.parameters())
     report.lines.append(
-        f"model: {recipe.model.name} ({family.name}, {total / 1e9:.2f} B parameters, "
+        f"model: {recipe.model.name} ({family.name}, {parameter_count(total)} parameters, "
         f"{family.num_experts(config)} experts, top-{family.top_k(config)})"
     )
     report.lines.append(
@@ -86,3 +86,11 @@ def validate_recipe(
             chosen = profile.selection(lora.experts_score, lora.experts_top_p)
             report.lines.append(f"lora.experts: auto would adapt {chosen}")
     return report
+
+
+def parameter_count(count: int) -> str:
+    """3.9 M, 46.70 B, 950 K: a count that reads right at every size (a tiny model is not "0.00 B")."""
+    for scale, unit, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 0)):
+        if count >= scale:
+            return f"{count / scale:.{digits}f} {unit}"
+    return str(count)

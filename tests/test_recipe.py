@@ -231,3 +231,12 @@ def test_a_min_lr_at_or_above_the_learning_rate_warns_that_the_guard_cannot_cut(
     assert any("guards.min_lr" in warning and "never cut" in warning for warning in recipe_warnings(recipe))
     recipe = load_recipe(recipe_factory(), ["training.learning_rate=1e-5"])
     assert not any("guards.min_lr" in warning for warning in recipe_warnings(recipe))
+
+
+def test_parameter_counts_read_right_at_every_size() -> None:
+    from moe_finetune.validate import parameter_count
+
+    assert parameter_count(3_912_448) == "3.9 M"
+    assert parameter_count(46_702_792_704) == "46.70 B"
+    assert parameter_count(950_000) == "950 K"
+    assert parameter_count(12) == "12"
