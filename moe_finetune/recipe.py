@@ -25,7 +25,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from moe_finetune.errors import RecipeError
 from moe_finetune.sections import (
+    DEFAULT_LEARNING_RATE,
     DEFAULT_MIN_EXAMPLES,
+    MAX_MOE_LEARNING_RATE,
     DataSection,
     GuardConfig,
     LoraSection,
@@ -36,8 +38,6 @@ from moe_finetune.sections import (
 from moe_finetune.yamlread import MAX_ALIAS_NODES, AliasExpansionError, read_yaml
 
 # The field's defaults for MoE fine-tuning (DESIGN.md section 4). `validate` warns on departures.
-DEFAULT_LEARNING_RATE = 1e-5
-MAX_MOE_LEARNING_RATE = 1e-4
 
 # Training defaults applied under whatever the recipe says (the recipe always wins).
 TRAINING_DEFAULTS: dict[str, Any] = {

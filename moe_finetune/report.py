@@ -48,7 +48,7 @@ from moe_finetune.rundir import (
     read_jsonl,
     write_whole,
 )
-from moe_finetune.sections import TINY_PREFIX
+from moe_finetune.sections import DEFAULT_LEARNING_RATE, MAX_MOE_LEARNING_RATE, TINY_PREFIX
 
 LOAD_SHARE_PLOT = "load_share.png"
 FINAL_LOAD_PLOT = "final_load.png"
@@ -626,11 +626,15 @@ def judge(
         )
     final_lr = cuts[-1].get("lr_after")
     then = f", then settled at step {settled['step']}" if settled else ""
-    advice = (
-        f" The rate it ended at is a starting point for the next run: `--set training.learning_rate={final_lr:.3g}`."
-        if isinstance(final_lr, (int, float))
-        else ""
-    )
+    if not isinstance(final_lr, (int, float)):
+        advice = ""
+    elif final_lr > MAX_MOE_LEARNING_RATE:  # never propose a rate `validate` itself warns about
+        advice = (
+            f" The rate it ended at, {final_lr:.3g}, is still above the {MAX_MOE_LEARNING_RATE:g} at which MoE routers "
+            f"tend to collapse: start the next run at `--set training.learning_rate={DEFAULT_LEARNING_RATE:g}` or lower."
+        )
+    else:
+        advice = f" The rate it ended at is a starting point for the next run: `--set training.learning_rate={final_lr:.3g}`."
     return Verdict(
         "cut",
         f"**Learning rate cut {cut_words}**{then}; ran to step {last_step}{of}{resumed}.{advice}",

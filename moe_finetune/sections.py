@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # The field's advice for MoE fine-tuning (DESIGN.md section 4): at least ~10,000 examples.
 DEFAULT_MIN_EXAMPLES = 10_000
+# The field's learning rate for MoE fine-tuning, and the rate above which `validate` warns (routers collapse).
+DEFAULT_LEARNING_RATE = 1e-5
+MAX_MOE_LEARNING_RATE = 1e-4
 # `model.name: tiny-<family>`: a tiny model built locally (models/tiny.py), named so by the report too.
 TINY_PREFIX = "tiny-"
 

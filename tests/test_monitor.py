@@ -227,6 +227,15 @@ def test_format_table_has_a_row_per_layer(tiny_mixtral_dir, tmp_path):
     assert [row.split()[0] for row in table[2:]] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
 
 
+def test_the_final_table_says_when_drift_was_measured_when_that_was_not_its_step(tiny_mixtral_dir, tmp_path):
+    lines: list[str] = []
+    trainer = make_trainer(tiny_mixtral_dir, tmp_path, max_steps=3, logging_steps=1)
+    attach(trainer, RoutingMonitor(echo=lines.append, probe_size=4, drift_steps=50))
+    trainer.train()
+    title = lines[-1].splitlines()[0]
+    assert title.startswith("routing at step 3:") and "(measured at step 1)" in title  # drift is every 50 steps
+
+
 def test_a_second_run_in_the_same_directory_starts_routing_jsonl_over(tiny_mixtral_dir, tmp_path):
     trainer = make_trainer(tiny_mixtral_dir, tmp_path, max_steps=2)
     attach(trainer, RoutingMonitor(probe_size=0))

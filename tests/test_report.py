@@ -591,3 +591,13 @@ def test_the_run_directorys_readme_is_our_model_card_not_trls_empty_one(tmp_path
     (mine / "README.md").write_text("my own notes")
     write_report(mine)
     assert (mine / "README.md").read_text() == "my own notes"  # a README of the user's is left alone
+
+
+def test_a_cut_runs_verdict_never_proposes_a_rate_validate_warns_about() -> None:
+    from moe_finetune.report import judge
+
+    high = judge("finished", [_cut(80, 5e-3, 2.5e-3, 1)], last_step=400)
+    assert "training.learning_rate=1e-05" in high.line and "2.5e-03" not in high.line
+    assert "above the 0.0001" in high.line
+    low = judge("finished", [_cut(80, 1e-5, 5e-6, 1)], last_step=400)
+    assert "training.learning_rate=5e-06" in low.line

@@ -142,6 +142,11 @@ class RoutingMonitor(TrainerCallback):
         pending, self._pending_log = self._pending_log, {}
         return pending
 
+    def _drift_when(self) -> str:
+        """Drift is re-measured every `drift_steps` only: say when, where that is not the table's step."""
+        measured = self._last_drift_step
+        return f" (measured at step {measured})" if measured is not None and measured != self.latest_step else ""
+
     def format_table(self, metrics: RoutingMetrics | None = None) -> str:
         """A compact per-layer table of the latest (or given) metrics, for the end of a run."""
         metrics = metrics if metrics is not None else self.latest
@@ -154,7 +159,7 @@ class RoutingMonitor(TrainerCallback):
             f"routing at step {self.latest_step}: entropy {metrics.entropy:.3f} (min {metrics.entropy_min:.3f}), "
             f"load max {metrics.load_max:.2f}x uniform, aux {metrics.aux_loss:.3f}, "
             f"drop {metrics.drop_fraction:.1%} at capacity {metrics.capacity_factor:g}"
-            + (f", drift {drift.topk_change:.1%}" if drift is not None else "")
+            + (f", drift {drift.topk_change:.1%}{self._drift_when()}" if drift is not None else "")
             + ("" if metrics.finite else "  [NON-FINITE router output]")
         )
         header = f"  {'layer':<{width}}  entropy  load max x{experts}  load cv  dead  drop"
