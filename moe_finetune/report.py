@@ -43,8 +43,8 @@ from moe_finetune.rundir import (
     ROUTING_FILE,
     RUN_SUMMARY_FILE,
     adapter_problem,
+    checkpoint_problems,
     checkpoint_steps,
-    damaged_checkpoints,
     read_jsonl,
     write_whole,
 )
@@ -194,11 +194,14 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
             f"no {ROUTING_FILE}: the RoutingMonitor was off (monitor.enabled false) or no logging step was "
             "reached, so there are no routing plots"
         )
-    for name, problem in damaged_checkpoints(path):
-        notes.append(f"{name} is not whole ({problem}): left out; it cannot be resumed from")
+    problems = checkpoint_problems(path)
+    for step, problem in problems.items():
+        if problem is not None:
+            notes.append(f"checkpoint-{step} is not whole ({problem}): left out; it cannot be resumed from")
     adapter = path / ADAPTER_DIR
-    if adapter.is_dir() and adapter_problem(adapter) is not None:
-        notes.append(f"{ADAPTER_DIR}/ is not whole ({adapter_problem(adapter)}): it cannot be merged or served")
+    broken_adapter = adapter_problem(adapter) if adapter.is_dir() else None
+    if broken_adapter is not None:
+        notes.append(f"{ADAPTER_DIR}/ is not whole ({broken_adapter}): it cannot be merged or served")
     skipped_events: list[int] = []
     events = list(read_jsonl(path / EVENTS_FILE, skipped_events))
     if skipped_events:
@@ -213,8 +216,8 @@ def read_run(run_dir: str | Path, *, what: str = "RUN_DIR") -> RunData:
         summary=summary,
         series=series,
         events=events,
-        checkpoints=checkpoint_steps(path),
-        has_adapter=(path / ADAPTER_DIR).is_dir() and adapter_problem(path / ADAPTER_DIR) is None,
+        checkpoints=[step for step, problem in problems.items() if problem is None],
+        has_adapter=adapter.is_dir() and broken_adapter is None,
         notes=notes,
         retention=retention,
     )

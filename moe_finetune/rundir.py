@@ -105,14 +105,26 @@ def keep_records_up_to(path: Path, step: int) -> None:
 def checkpoint_steps(output_dir: Path, complete_only: bool = True) -> list[int]:
     """Steps of the `checkpoint-N` folders in a run, ascending: only whole ones (`checkpoint_problem`)
     unless `complete_only` is False."""
+    if not complete_only:
+        return sorted(_checkpoint_folders(output_dir))
+    return [step for step, problem in checkpoint_problems(output_dir).items() if problem is None]
+
+
+def _checkpoint_folders(output_dir: Path) -> dict[int, Path]:
     if not output_dir.is_dir():
-        return []
-    steps = []
+        return {}
+    folders = {}
     for path in output_dir.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
-        if suffix.isdigit() and path.is_dir() and (not complete_only or checkpoint_problem(path) is None):
-            steps.append(int(suffix))
-    return sorted(steps)
+        if suffix.isdigit() and path.is_dir():
+            folders[int(suffix)] = path
+    return folders
+
+
+def checkpoint_problems(output_dir: Path) -> dict[int, str | None]:
+    """Each `checkpoint-N` step of a run, ascending, with what is wrong with it (None: whole). Every file
+    of every checkpoint is read once here: callers that need both the whole and the damaged ones ask once."""
+    return {step: checkpoint_problem(path) for step, path in sorted(_checkpoint_folders(output_dir).items())}
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -181,13 +193,3 @@ def adapter_problem(adapter_dir: Path) -> str | None:
     if not (adapter_dir / "adapter_config.json").is_file():
         return "it has no adapter_config.json"
     return folder_problem(adapter_dir)
-
-
-def damaged_checkpoints(output_dir: Path) -> list[tuple[str, str]]:
-    """(folder name, what is wrong) for each `checkpoint-N` of a run that is not whole, ascending."""
-    complete = set(checkpoint_steps(output_dir))
-    return [
-        (f"checkpoint-{step}", checkpoint_problem(output_dir / f"checkpoint-{step}") or "")
-        for step in checkpoint_steps(output_dir, complete_only=False)
-        if step not in complete
-    ]

@@ -43,8 +43,8 @@ from moe_finetune.rundir import (
     REPORT_FILE,
     RESOLVED_RECIPE_FILE,
     checkpoint_problem,
+    checkpoint_problems,
     checkpoint_steps,
-    damaged_checkpoints,
     read_jsonl,
     write_whole,
 )
@@ -400,7 +400,9 @@ def resume_point(output_dir: Path, resume: str | bool | None, echo: Echo = print
     """The checkpoint `--resume [CKPT]` means, checked to be whole; newer damaged ones are named and skipped."""
     if not resume:
         return None
-    newest = last_checkpoint(output_dir)
+    problems = checkpoint_problems(output_dir)
+    whole = [step for step, problem in problems.items() if problem is None]
+    newest = str(output_dir / f"checkpoint-{whole[-1]}") if whole else None
     if isinstance(resume, str):
         problem = checkpoint_problem(Path(resume)) if Path(resume).is_dir() else "it does not exist"
         if problem is not None:
@@ -409,10 +411,9 @@ def resume_point(output_dir: Path, resume: str | bool | None, echo: Echo = print
         return resume
     if newest is None:
         raise OutputDirError(f"--resume: no complete checkpoint to resume from in {output_dir}")
-    newest_step = int(Path(newest).name.removeprefix("checkpoint-"))
-    for name, problem in damaged_checkpoints(output_dir):
-        if int(name.removeprefix("checkpoint-")) > newest_step:
-            echo(f"warning: skipping {output_dir / name}: {problem}; resuming {newest} instead")
+    for step, problem in problems.items():
+        if problem is not None and step > whole[-1]:
+            echo(f"warning: skipping {output_dir / f'checkpoint-{step}'}: {problem}; resuming {newest} instead")
     return newest
 
 
